@@ -1,0 +1,54 @@
+# The everyday verbs. `make test` and `make compare` set everything up first
+# (a virtualenv in .venv, the native module built into it), so they work from
+# a fresh clone with only Rust and Python 3.11 present.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.deps-stamp
+
+.PHONY: help setup build lint fmt rust-test py-test test compare clean
+
+help:
+	@echo "make test     set up, then fmt check, clippy -D warnings, cargo test, ruff, pytest"
+	@echo "make compare  set up, then run the lifecycle scenarios over every backend as a grid"
+	@echo "make build    build the native module into .venv (release)"
+	@echo "make lint     cargo fmt --check, clippy -D warnings, ruff"
+	@echo "make fmt      format Rust and Python sources"
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 needed"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+build: setup
+	$(BIN)/maturin develop --release --quiet
+
+lint: setup
+	cargo fmt --all --check
+	RUSTFLAGS="-D warnings" RUSTDOCFLAGS="-D warnings" cargo clippy --workspace --all-targets --locked -- -D warnings
+	$(BIN)/ruff check pybind/python tests_py
+	$(BIN)/ruff format --check pybind/python tests_py
+
+fmt: setup
+	cargo fmt --all
+	$(BIN)/ruff format pybind/python tests_py
+	$(BIN)/ruff check --fix pybind/python tests_py
+
+rust-test:
+	cargo test --workspace --locked
+
+py-test: build
+	$(BIN)/pytest
+
+test: lint rust-test py-test
+
+compare: build
+	$(BIN)/pytest -m connlab_scenario --connlab-grid -q
+
+clean:
+	rm -rf $(VENV) target

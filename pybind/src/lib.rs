@@ -1,0 +1,267 @@
+//! PyO3 module `connlab._native`: the connlab servers for Python.
+//!
+//! Thin on purpose: argument conversion and validation, one error conversion
+//! ([`NativeError`]), and dict/tuple views of the registry. Every call that
+//! can block (start, stop, snapshots that take a lock) releases the GIL.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use connlab_servers::{timeout_from_secs, BackendKind, CloseReason, Config, Error, Server, State};
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+/// The one conversion from the servers' error to a Python exception:
+/// `ValueError` for bad arguments, `OSError` (with errno) for syscalls; the
+/// message starts with the argument's name.
+#[derive(Debug)]
+struct NativeError(Error);
+
+impl From<NativeError> for PyErr {
+    fn from(err: NativeError) -> PyErr {
+        match &err.0 {
+            Error::Invalid { .. } => PyValueError::new_err(err.0.to_string()),
+            Error::Io { source, .. } => match source.raw_os_error() {
+                Some(errno) => PyOSError::new_err((errno, err.0.to_string())),
+                None => PyOSError::new_err(err.0.to_string()),
+            },
+        }
+    }
+}
+
+impl From<Error> for NativeError {
+    fn from(err: Error) -> Self {
+        NativeError(err)
+    }
+}
+
+/// A value that must be a non-negative integer fitting `T`, named `field`.
+fn count<T: TryFrom<i64>>(field: &'static str, value: i64) -> Result<T, NativeError> {
+    T::try_from(value).map_err(|_| NativeError(Error::invalid(field, format!("out of range: {value}"))))
+}
+
+/// A timeout in seconds; `None` or 0 disables it.
+fn timeout(field: &'static str, secs: Option<f64>) -> Result<Option<Duration>, NativeError> {
+    Ok(match secs {
+        None => None,
+        Some(secs) => timeout_from_secs(field, secs)?,
+    })
+}
+
+/// A `(host, port)` Python tuple; IPv6 addresses keep their flow info out.
+fn addr_tuple<'py>(py: Python<'py>, addr: SocketAddr) -> PyResult<Bound<'py, PyTuple>> {
+    (addr.ip().to_string(), addr.port()).into_pyobject(py)
+}
+
+/// A TCP server of one backend, listening from construction until `stop()`.
+#[pyclass(name = "Server", module = "connlab._native", frozen)]
+struct PyServer {
+    /// The running server; `stop` is idempotent on it.
+    inner: Box<dyn Server>,
+}
+
+#[pymethods]
+impl PyServer {
+    #[new]
+    #[pyo3(signature = (
+        backend, host = "127.0.0.1", port = 0, workers = None, max_connections = 10_000,
+        max_frame = 1 << 20, max_pending_output = 4 << 20, idle_timeout = Some(60.0),
+        read_timeout = Some(10.0), write_timeout = Some(10.0), backlog = 1024,
+        journal_capacity = 65_536, thread_stack = 64 << 10,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        backend: &str,
+        host: &str,
+        port: i64,
+        workers: Option<i64>,
+        max_connections: i64,
+        max_frame: i64,
+        max_pending_output: i64,
+        idle_timeout: Option<f64>,
+        read_timeout: Option<f64>,
+        write_timeout: Option<f64>,
+        backlog: i64,
+        journal_capacity: i64,
+        thread_stack: i64,
+    ) -> PyResult<Self> {
+        let kind: BackendKind = backend.parse().map_err(NativeError)?;
+        let host = match host {
+            "localhost" => IpAddr::from([127, 0, 0, 1]),
+            other => other
+                .parse()
+                .map_err(|_| NativeError(Error::invalid("host", format!("not an IP address: {other:?}"))))?,
+        };
+        let defaults = Config::default();
+        let config = Config {
+            host,
+            port: count("port", port)?,
+            workers: match workers {
+                Some(w) => count("workers", w)?,
+                None => defaults.workers,
+            },
+            max_connections: count("max_connections", max_connections)?,
+            max_frame: count("max_frame", max_frame)?,
+            max_pending_output: count("max_pending_output", max_pending_output)?,
+            idle_timeout: timeout("idle_timeout", idle_timeout)?,
+            read_timeout: timeout("read_timeout", read_timeout)?,
+            write_timeout: timeout("write_timeout", write_timeout)?,
+            backlog: count("backlog", backlog)?,
+            journal_capacity: count("journal_capacity", journal_capacity)?,
+            thread_stack: count("thread_stack", thread_stack)?,
+        };
+        let inner = py.detach(|| connlab_servers::start(kind, config)).map_err(NativeError)?;
+        Ok(PyServer { inner })
+    }
+
+    /// The backend's name.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.inner.kind().name()
+    }
+
+    /// The listener's `(host, port)`.
+    #[getter]
+    fn address<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        addr_tuple(py, self.inner.local_addr())
+    }
+
+    /// Every counter, as DESIGN.md §6 lists them.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = py.detach(|| self.inner.stats());
+        let d = PyDict::new(py);
+        d.set_item("backend", s.backend.name())?;
+        d.set_item("address", addr_tuple(py, s.address)?)?;
+        d.set_item("active", s.active)?;
+        d.set_item("accepted", s.accepted)?;
+        d.set_item("closed", s.closed)?;
+        d.set_item("rejected", s.rejected)?;
+        d.set_item("peak_active", s.peak_active)?;
+        let by_state = PyDict::new(py);
+        for (state, n) in State::ALL.iter().zip(s.by_state) {
+            by_state.set_item(state.name(), n)?;
+        }
+        d.set_item("by_state", by_state)?;
+        let closed_by = PyDict::new(py);
+        for (reason, n) in CloseReason::ALL.iter().zip(s.closed_by) {
+            closed_by.set_item(reason.name(), n)?;
+        }
+        d.set_item("closed_by", closed_by)?;
+        d.set_item("frames_in", s.frames_in)?;
+        d.set_item("frames_out", s.frames_out)?;
+        d.set_item("bytes_in", s.bytes_in)?;
+        d.set_item("bytes_out", s.bytes_out)?;
+        d.set_item("truncated_frames", s.truncated_frames)?;
+        let accept_errors = PyDict::new(py);
+        accept_errors.set_item("emfile", s.accept_errors_emfile)?;
+        accept_errors.set_item("other", s.accept_errors_other)?;
+        d.set_item("accept_errors", accept_errors)?;
+        d.set_item("threads", s.threads)?;
+        d.set_item("journal_dropped", s.journal_dropped)?;
+        Ok(d)
+    }
+
+    /// Every registered connection, oldest first.
+    fn connections<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let list = py.detach(|| self.inner.connections());
+        list.into_iter()
+            .map(|c| {
+                let d = PyDict::new(py);
+                d.set_item("id", c.id)?;
+                d.set_item("peer", addr_tuple(py, c.peer)?)?;
+                d.set_item("state", c.state.name())?;
+                d.set_item("bytes_in", c.bytes_in)?;
+                d.set_item("bytes_out", c.bytes_out)?;
+                d.set_item("age_s", c.age.as_secs_f64())?;
+                d.set_item("idle_s", c.idle.as_secs_f64())?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// The transition journal as `(conn_id, peer, from_state, to_state,
+    /// reason, t_s)` tuples; with `peer=(host, port, ...)`, only the latest
+    /// connection from that address.
+    #[pyo3(signature = (peer = None))]
+    fn transitions<'py>(
+        &self,
+        py: Python<'py>,
+        peer: Option<Bound<'py, PyTuple>>,
+    ) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let peer = match peer {
+            None => None,
+            Some(t) => {
+                let bad = || NativeError(Error::invalid("peer", "expected a (host, port) tuple"));
+                if t.len() < 2 {
+                    return Err(bad().into());
+                }
+                let host: String = t.get_item(0)?.extract().map_err(|_| bad())?;
+                let port: u16 = t.get_item(1)?.extract().map_err(|_| bad())?;
+                let ip: IpAddr = host.parse().map_err(|_| bad())?;
+                Some(SocketAddr::new(ip, port))
+            }
+        };
+        let list = py.detach(|| self.inner.transitions(peer));
+        list.into_iter()
+            .map(|t| {
+                (
+                    t.conn_id,
+                    addr_tuple(py, t.peer)?,
+                    t.from.map(State::name),
+                    t.to.name(),
+                    t.reason.map(CloseReason::name),
+                    t.at.as_secs_f64(),
+                )
+                    .into_pyobject(py)
+            })
+            .collect()
+    }
+
+    /// Stops the server (DESIGN.md §4): returns `drained`, `forced` and
+    /// `elapsed_s`; a repeated call returns zeros.
+    #[pyo3(signature = (grace = 1.0))]
+    fn stop<'py>(&self, py: Python<'py>, grace: f64) -> PyResult<Bound<'py, PyDict>> {
+        let grace = timeout_from_secs("grace", grace).map_err(NativeError)?.unwrap_or_default();
+        let report = py.detach(|| self.inner.stop(grace));
+        let d = PyDict::new(py);
+        d.set_item("drained", report.drained)?;
+        d.set_item("forced", report.forced)?;
+        d.set_item("elapsed_s", report.elapsed.as_secs_f64())?;
+        Ok(d)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.stop(py, 1.0)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<connlab.Server backend={} address={}>", self.inner.kind(), self.inner.local_addr())
+    }
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        // Destruction stops with no grace, without holding the GIL while the
+        // server's threads are joined.
+        Python::attach(|py| py.detach(|| self.inner.stop(Duration::ZERO)));
+    }
+}
+
+/// The native module: `Server`, and the names of backends, states and reasons.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<PyServer>()?;
+    m.add("BACKENDS", PyTuple::new(py, BackendKind::ALL.map(BackendKind::name))?)?;
+    m.add("STATES", PyTuple::new(py, State::ALL.map(State::name))?)?;
+    m.add("CLOSE_REASONS", PyTuple::new(py, CloseReason::ALL.map(CloseReason::name))?)?;
+    Ok(())
+}

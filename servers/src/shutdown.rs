@@ -1,0 +1,135 @@
+//! What `stop` shares between backends: the stop signal that server threads
+//! wait on, named server threads that can be joined and seen gone from
+//! `/proc/self/task`, and the report `stop` returns.
+
+use std::io;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::sys::{self, Waker};
+
+/// What `stop` returns (DESIGN.md §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StopReport {
+    /// Connections closed before the grace ended.
+    pub drained: u64,
+    /// Connections aborted when the grace ended.
+    pub forced: u64,
+    /// Time `stop` took.
+    pub elapsed: Duration,
+}
+
+/// The stop signal: when the grace ends, published before the waker fires.
+#[derive(Debug)]
+pub struct StopSignal {
+    /// The end of the grace, set once by `stop`.
+    grace_end: OnceLock<Instant>,
+    /// Readable once stop began; server threads poll it.
+    waker: Waker,
+}
+
+impl StopSignal {
+    /// A signal not yet raised.
+    pub fn new() -> io::Result<Self> {
+        Ok(StopSignal { grace_end: OnceLock::new(), waker: Waker::new()? })
+    }
+
+    /// Raises the signal: publishes `grace_end`, then wakes every poller.
+    pub fn raise(&self, grace_end: Instant) -> io::Result<()> {
+        let _ = self.grace_end.set(grace_end);
+        self.waker.wake()
+    }
+
+    /// The end of the grace, once stop began.
+    pub fn grace_end(&self) -> Option<Instant> {
+        self.grace_end.get().copied()
+    }
+
+    /// The fd to poll for `POLLIN`.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.waker.raw()
+    }
+}
+
+/// A spawned server thread: its handle and its kernel thread id.
+#[derive(Debug)]
+pub struct ServerThread {
+    /// Joins the thread.
+    handle: JoinHandle<()>,
+    /// The thread's tid, written by the thread as its first act (0 before).
+    tid: Arc<AtomicI32>,
+}
+
+impl ServerThread {
+    /// Spawns a thread named `name` (DESIGN.md §4a: `connlab-<backend>[-n]`).
+    pub fn spawn(name: String, stack: Option<usize>, f: impl FnOnce() + Send + 'static) -> io::Result<Self> {
+        let tid = Arc::new(AtomicI32::new(0));
+        let tid_in = Arc::clone(&tid);
+        let mut builder = std::thread::Builder::new().name(name);
+        if let Some(stack) = stack {
+            builder = builder.stack_size(stack);
+        }
+        let handle = builder.spawn(move || {
+            tid_in.store(sys::gettid(), Ordering::Release);
+            f();
+        })?;
+        Ok(ServerThread { handle, tid })
+    }
+
+    /// Whether the thread's function returned.
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Joins the thread, then waits (up to 2 s) until the kernel has removed
+    /// it from `/proc/self/task`, so thread counts read after `stop` are exact.
+    pub fn join(self) {
+        let _ = self.handle.join();
+        let tid = self.tid.load(Ordering::Acquire);
+        if tid == 0 {
+            return;
+        }
+        let path = format!("/proc/self/task/{tid}");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while std::path::Path::new(&path).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+/// A growing set of threads (one per connection in `blocking`): finished
+/// ones are reaped as new ones come, the rest joined at stop.
+#[derive(Debug, Default)]
+pub struct ThreadSet {
+    /// Threads not joined yet, and the length at which to reap next.
+    threads: Mutex<(Vec<ServerThread>, usize)>,
+}
+
+impl ThreadSet {
+    /// Adds a thread; joins the finished ones whenever the set doubled since
+    /// the last reaping (amortized O(1) per thread).
+    pub fn push(&self, thread: ServerThread) {
+        let finished = {
+            let mut guard = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+            let (threads, reap_at) = &mut *guard;
+            threads.push(thread);
+            if threads.len() < *reap_at {
+                return;
+            }
+            let (done, running): (Vec<_>, Vec<_>) = threads.drain(..).partition(ServerThread::is_finished);
+            *threads = running;
+            *reap_at = (threads.len() * 2).max(64);
+            done
+        };
+        // Finished threads join at once; outside the lock all the same.
+        finished.into_iter().for_each(ServerThread::join);
+    }
+
+    /// Joins every thread.
+    pub fn join_all(&self) {
+        let threads = std::mem::take(&mut self.threads.lock().unwrap_or_else(|e| e.into_inner()).0);
+        threads.into_iter().for_each(ServerThread::join);
+    }
+}

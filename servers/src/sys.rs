@@ -1,0 +1,117 @@
+//! The few syscalls that std and socket2 do not wrap, each behind one small
+//! safe function.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+/// Calls a libc function and turns `-1` into the thread's `errno`.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: each call site passes arguments that satisfy the function's
+        // contract; its comment says why.
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+
+/// An eventfd used to wake threads blocked in `poll`: once woken it stays
+/// readable (nobody reads it), so every waiter sees it.
+#[derive(Debug)]
+pub struct Waker {
+    /// The eventfd.
+    fd: OwnedFd,
+}
+
+impl Waker {
+    /// A new, not yet woken, eventfd.
+    pub fn new() -> io::Result<Self> {
+        // Plain integer flags; the returned fd is owned below.
+        let fd = syscall!(eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))?;
+        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+        Ok(Waker { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// Makes the eventfd readable for good.
+    pub fn wake(&self) -> io::Result<()> {
+        let one: u64 = 1;
+        // `one` lives across the call and is 8 bytes, as eventfd requires.
+        syscall!(write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8))?;
+        Ok(())
+    }
+
+    /// The fd to poll for `POLLIN`.
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// `poll(2)` with a timeout rounded up to whole milliseconds (rounding down
+/// would wake early and spin until the deadline); `None` waits forever.
+/// Returns the number of ready fds; EINTR comes back as `Interrupted`.
+pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+    let ms = match timeout {
+        None => -1,
+        Some(t) => t.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32,
+    };
+    // `fds` is a valid slice of pollfd for its whole length.
+    let n = syscall!(poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms))?;
+    Ok(n as usize)
+}
+
+/// A pollfd asking for `events` on `fd`.
+pub fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd { fd, events, revents: 0 }
+}
+
+/// Bytes in the socket's kernel receive queue (`FIONREAD`).
+pub fn fionread(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // FIONREAD writes one c_int through the pointer, which outlives the call.
+    syscall!(ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int))?;
+    Ok(n.max(0) as usize)
+}
+
+/// Non-blocking `recv` into the spare capacity of `buf`, extending its
+/// length by the bytes received. Ok(0) is the peer's FIN.
+pub fn recv_into(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare: &mut [MaybeUninit<u8>] = buf.spare_capacity_mut();
+    // The pointer and length describe `spare`, writable memory owned by `buf`.
+    let n = syscall!(recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT))? as usize;
+    // SAFETY: recv initialized exactly `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// Non-blocking `send` that never raises SIGPIPE (EPIPE comes back instead).
+pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // The pointer and length describe `data`, readable for the whole call.
+    let n = syscall!(send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT))?;
+    Ok(n as usize)
+}
+
+/// The pending socket error (`SO_ERROR`), which reading clears.
+pub fn take_socket_error(fd: RawFd) -> io::Result<Option<io::Error>> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // getsockopt writes at most `len` bytes into `err`; both outlive the call.
+    syscall!(getsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_ERROR,
+        (&mut err as *mut libc::c_int).cast(),
+        &mut len,
+    ))?;
+    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+}
+
+/// The calling thread's kernel id (its entry in `/proc/self/task`).
+pub fn gettid() -> libc::pid_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
