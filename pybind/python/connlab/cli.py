@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from connlab._native import BACKENDS, Server
 
 
-def _non_negative(kind: type[int] | type[float]):  # noqa: ANN202 - argparse type factory
+def _non_negative(kind: type[int] | type[float]):
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
@@ -30,24 +30,51 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server configuration (as connlab.Server)")
     g.add_argument("--host", default="127.0.0.1", help="IP address to listen on (default: %(default)s)")
     g.add_argument("--port", type=_non_negative(int), default=0, help="port; 0 picks a free one (default: 0)")
-    g.add_argument("--workers", type=_non_negative(int), default=None,
-                   help="worker threads for pooled backends (default: number of cores)")
-    g.add_argument("--max-connections", type=_non_negative(int), default=10_000,
-                   help="connections over this are accepted and closed at once (default: %(default)s)")
-    g.add_argument("--max-frame", type=_non_negative(int), default=1 << 20,
-                   help="largest frame body in bytes; a larger header is a protocol error (default: %(default)s)")
-    g.add_argument("--max-pending-output", type=_non_negative(int), default=4 << 20,
-                   help="queued answer bytes above which reading pauses (default: %(default)s)")
+    g.add_argument(
+        "--workers",
+        type=_non_negative(int),
+        default=None,
+        help="worker threads for pooled backends (default: number of cores)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=_non_negative(int),
+        default=10_000,
+        help="connections over this are accepted and closed at once (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-frame",
+        type=_non_negative(int),
+        default=1 << 20,
+        help="largest frame body in bytes; a larger header is a protocol error (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-pending-output",
+        type=_non_negative(int),
+        default=4 << 20,
+        help="queued answer bytes above which reading pauses (default: %(default)s)",
+    )
     for name, default, what in (
         ("idle", 60.0, "no frame in progress and nothing queued"),
         ("read", 10.0, "from a frame's first byte to its last"),
         ("write", 10.0, "no byte of a queued answer accepted by the socket"),
     ):
-        g.add_argument(f"--{name}-timeout", type=_non_negative(float), default=default, metavar="SECONDS",
-                       help=f"close after this long with {what}; 0 disables (default: {default})")
-    g.add_argument("--backlog", type=_non_negative(int), default=1024, help="listen backlog (default: %(default)s)")
-    g.add_argument("--journal-capacity", type=_non_negative(int), default=0,
-                   help="transition journal entries kept; 0 turns it off (default: 0 for serve)")
+        g.add_argument(
+            f"--{name}-timeout",
+            type=_non_negative(float),
+            default=default,
+            metavar="SECONDS",
+            help=f"close after this long with {what}; 0 disables (default: {default})",
+        )
+    g.add_argument(
+        "--backlog", type=_non_negative(int), default=1024, help="listen backlog (default: %(default)s)"
+    )
+    g.add_argument(
+        "--journal-capacity",
+        type=_non_negative(int),
+        default=0,
+        help="transition journal entries kept; 0 turns it off (default: 0 for serve)",
+    )
 
 
 def _server_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -81,8 +108,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"connlab serve: {err}", file=sys.stderr)
         return 2
     host, port = server.address
-    _emit({"event": "listening", "backend": args.backend, "address": f"{host}:{port}",
-           "host": host, "port": port, "pid": os.getpid()})
+    _emit(
+        {
+            "event": "listening",
+            "backend": args.backend,
+            "address": f"{host}:{port}",
+            "host": host,
+            "port": port,
+            "pid": os.getpid(),
+        }
+    )
     received = signal.sigwait(stop_signals)
     report = server.stop(args.grace)
     _emit({"event": "stopped", "signal": signal.Signals(received).name, **report})
@@ -106,8 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument("--backend", required=True, choices=BACKENDS, help="the server architecture to run")
-    serve.add_argument("--grace", type=_non_negative(float), default=1.0, metavar="SECONDS",
-                       help="time given to busy connections to finish when stopping (default: %(default)s)")
+    serve.add_argument(
+        "--grace",
+        type=_non_negative(float),
+        default=1.0,
+        metavar="SECONDS",
+        help="time given to busy connections to finish when stopping (default: %(default)s)",
+    )
     _add_server_options(serve)
     serve.set_defaults(func=cmd_serve)
     return parser

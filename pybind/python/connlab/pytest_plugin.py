@@ -10,11 +10,10 @@ from dataclasses import dataclass
 import pytest
 
 from connlab import probe
+from connlab._native import BACKENDS
 
 
 def _selected_backends(config: pytest.Config) -> list[str]:
-    from connlab._native import BACKENDS
-
     raw = config.getoption("connlab_backends") or config.getini("connlab_backends") or "all"
     if raw == "all":
         return list(BACKENDS)
@@ -75,7 +74,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         # A scenario is one cell: any failing phase (or test) of it fails the cell.
         if previous is None or previous.status == "pass" or status == "FAIL":
             seconds = (previous.seconds if previous else 0.0) + report.duration
-            results[key] = _Outcome(status if previous is None or status != "pass" else previous.status, seconds)
+            results[key] = _Outcome(
+                status if previous is None or status != "pass" else previous.status, seconds
+            )
         else:
             previous.seconds += report.duration
     return report

@@ -1,0 +1,152 @@
+"""The server as its own process: `connlab serve`, signals, fd exhaustion, idle CPU."""
+
+from __future__ import annotations
+
+import json
+import resource
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+import pytest
+
+import connlab
+from conftest import ServerFactory
+from connlab import probe
+from connlab.client import connect, encode, read_frame, recv_exact, wait_until
+
+SERVE = [sys.executable, "-m", "connlab", "serve"]
+
+
+@contextmanager
+def serve(backend: str, *args: str, nofile: int | None = None) -> Iterator[tuple[subprocess.Popen, dict]]:
+    """Runs `connlab serve` in a child; yields it and its `listening` line; kills it at the end."""
+
+    child = subprocess.Popen(
+        [*SERVE, "--backend", backend, "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if nofile is not None:
+            # Before the child's first line: it has opened a handful of fds by then.
+            resource.prlimit(child.pid, resource.RLIMIT_NOFILE, (nofile, nofile))
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line, f"serve printed nothing; stderr: {child.stderr.read() if child.stderr else ''}"
+        yield child, json.loads(line)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=10)
+        for stream in (child.stdout, child.stderr):
+            if stream:
+                stream.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_prints_address_serves_and_stops_on_signal(connlab_backend: str, signum: int) -> None:
+    with serve(connlab_backend) as (child, listening):
+        assert listening["event"] == "listening" and listening["pid"] == child.pid
+        host, port = listening["address"].rsplit(":", 1)
+        assert (host, int(port)) == (listening["host"], listening["port"])
+        with connect((host, int(port))) as client:
+            client.sendall(encode(b"over the process boundary"))
+            assert read_frame(client) == b"over the process boundary"
+            child.send_signal(signum)
+            assert client.recv(1) == b""  # idle: closed at once by the stop
+        assert child.wait(timeout=10) == 0
+        assert child.stdout is not None
+        stopped = json.loads(child.stdout.readline())
+        assert stopped["event"] == "stopped" and stopped["signal"] == signal.Signals(signum).name
+        assert stopped["drained"] == 1 and stopped["forced"] == 0
+
+
+def test_serve_help_explains_every_option() -> None:
+    out = subprocess.run([*SERVE, "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--backend", "--port", "--host", "--grace", "--workers", "--max-connections",
+                   "--max-frame", "--max-pending-output", "--idle-timeout", "--read-timeout",
+                   "--write-timeout", "--backlog", "--journal-capacity"):  # fmt: skip
+        assert option in out
+    for backend in connlab.BACKENDS:
+        assert backend in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "nosuch"], "invalid choice: 'nosuch'"),
+        (["--backend", "blocking", "--idle-timeout", "-1"], "--idle-timeout: must be ≥ 0"),
+        (["--backend", "blocking", "--port", "http"], "--port: expected a int"),
+        (["--backend", "blocking", "--workers", "0"], "workers: must be at least 1"),
+    ],
+)
+def test_serve_rejects_bad_options_clearly(args: list[str], message: str) -> None:
+    result = subprocess.run([*SERVE, *args], check=False, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def _served(clients: list, timeout: float) -> set[int]:
+    """Indices of the clients whose echo arrives within `timeout`."""
+    sel = selectors.DefaultSelector()
+    for i, client in enumerate(clients):
+        sel.register(client, selectors.EVENT_READ, i)
+    done: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(done) < len(clients) and (left := deadline - time.monotonic()) > 0:
+        for key, _ in sel.select(left):
+            assert recv_exact(key.fileobj, 8) == encode(b"ping")  # type: ignore[arg-type]
+            sel.unregister(key.fileobj)
+            done.add(key.data)
+    sel.close()
+    return done
+
+
+def test_fd_exhaustion_neither_spins_nor_stops_serving(connlab_backend: str) -> None:
+    """P3: RLIMIT_NOFILE = 64 and 100 clients. accept fails with EMFILE; the server backs off
+    (no CPU burn), keeps serving what it holds, and serves the queued clients once fds free up."""
+    with serve(connlab_backend, "--idle-timeout", "30", nofile=64) as (child, listening):
+        address = (listening["host"], listening["port"])
+        clients = [connect(address, timeout=5) for _ in range(100)]
+        try:
+            for client in clients:
+                client.sendall(encode(b"ping"))
+            first = _served(clients, timeout=2.0)
+            assert 20 <= len(first) < 100, len(first)
+            proc = psutil.Process(child.pid)
+            cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+            time.sleep(2.0)  # the measurement window itself, not a wait for a condition
+            cpu = (sum(proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+            assert cpu < 0.10, f"server burned {cpu:.1%} of a core while out of fds"
+            for i in first:
+                clients[i].close()
+            rest = [c for i, c in enumerate(clients) if i not in first]
+            served_later = _served(rest, timeout=1.5)
+            assert len(served_later) == len(rest), f"{len(rest) - len(served_later)} never served"
+        finally:
+            for client in clients:
+                client.close()
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=10) == 0
+
+
+def test_idle_server_uses_no_cpu(make_server: ServerFactory) -> None:
+    server = make_server(idle_timeout=60.0)
+    clients = [connect(server.address) for _ in range(50)]
+    try:
+        wait_until(lambda: server.stats()["active"] == 50)
+        cpu0, t0 = probe.threads_cpu_seconds("connlab-"), time.monotonic()
+        time.sleep(2.0)  # the measurement window itself
+        cpu = (probe.threads_cpu_seconds("connlab-") - cpu0) / (time.monotonic() - t0)
+        assert cpu < 0.01, f"idle server threads used {cpu:.2%} of a core"
+    finally:
+        for client in clients:
+            client.close()
+    wait_until(lambda: server.stats()["active"] == 0)
