@@ -3,6 +3,7 @@
 //! `/proc/self/task`, and the report `stop` returns.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -26,20 +27,25 @@ pub struct StopReport {
 pub struct StopSignal {
     /// The end of the grace, set once by `stop`.
     grace_end: OnceLock<Instant>,
-    /// Readable once stop began; server threads poll it.
-    waker: Waker,
+    /// The eventfd's number, for pollers; valid until [`StopSignal::close`].
+    fd: RawFd,
+    /// Owns the eventfd, readable once stop began; taken by `close`.
+    waker: Mutex<Option<Waker>>,
 }
 
 impl StopSignal {
     /// A signal not yet raised.
     pub fn new() -> io::Result<Self> {
-        Ok(StopSignal { grace_end: OnceLock::new(), waker: Waker::new()? })
+        let waker = Waker::new()?;
+        Ok(StopSignal { grace_end: OnceLock::new(), fd: waker.raw(), waker: Mutex::new(Some(waker)) })
     }
 
     /// Raises the signal: publishes `grace_end`, then wakes every poller.
-    pub fn raise(&self, grace_end: Instant) -> io::Result<()> {
+    pub fn raise(&self, grace_end: Instant) {
         let _ = self.grace_end.set(grace_end);
-        self.waker.wake()
+        if let Some(waker) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            waker.wake().expect("writing to an eventfd cannot fail");
+        }
     }
 
     /// The end of the grace, once stop began.
@@ -47,9 +53,14 @@ impl StopSignal {
         self.grace_end.get().copied()
     }
 
-    /// The fd to poll for `POLLIN`.
-    pub fn fd(&self) -> std::os::fd::RawFd {
-        self.waker.raw()
+    /// The fd to poll for `POLLIN`; only while threads that poll it may run.
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Closes the eventfd; call once every thread that polls it is joined.
+    pub fn close(&self) {
+        self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 

@@ -44,10 +44,9 @@ struct Shared {
 pub struct BlockingServer {
     /// State shared with the threads.
     shared: Arc<Shared>,
-    /// Tells the acceptor to close the listener and return.
-    accept_stop: Arc<Waker>,
-    /// The acceptor; taken by the first `stop`.
-    acceptor: Mutex<Option<ServerThread>>,
+    /// The acceptor and the waker that tells it to close the listener and
+    /// return; taken by the first `stop`.
+    acceptor: Mutex<Option<(ServerThread, Arc<Waker>)>>,
 }
 
 impl BlockingServer {
@@ -73,7 +72,7 @@ impl BlockingServer {
             })
             .map_err(io("spawning the acceptor thread"))?
         };
-        Ok(BlockingServer { shared, accept_stop, acceptor: Mutex::new(Some(acceptor)) })
+        Ok(BlockingServer { shared, acceptor: Mutex::new(Some((acceptor, accept_stop))) })
     }
 }
 
@@ -89,19 +88,22 @@ impl Server for BlockingServer {
     fn stop(&self, grace: Duration) -> StopReport {
         let started = Instant::now();
         let mut acceptor = self.acceptor.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(thread) = acceptor.take() else { return StopReport::default() };
+        let Some((thread, accept_stop)) = acceptor.take() else { return StopReport::default() };
         // 1. The listener closes when the acceptor returns; after the join no
         //    connection can be added, so `active` is the number to drain.
-        self.accept_stop.wake().expect("writing to an eventfd cannot fail");
+        accept_stop.wake().expect("writing to an eventfd cannot fail");
         thread.join();
+        drop(accept_stop); // the last reference: its eventfd closes
         let registry = &self.shared.registry;
         let active = registry.active();
         let forced_before = registry.forced();
         // 2–4. Every connection thread decides for itself: idle ones close at
         //    once, busy ones drain, the rest abort when the grace ends.
-        self.shared.stop.raise(started + grace).expect("writing to an eventfd cannot fail");
-        // 5. Join them all (they are gone by the end of the grace).
+        self.shared.stop.raise(started + grace);
+        // 5. Join them all (they are gone by the end of the grace), then close
+        //    the last fd the server holds.
         self.shared.threads.join_all();
+        self.shared.stop.close();
         let forced = registry.forced() - forced_before;
         StopReport { drained: active - forced, forced, elapsed: started.elapsed() }
     }
