@@ -164,6 +164,10 @@ pub struct Limits {
 /// How long a graceful close reads and discards after `shutdown(SHUT_WR)`.
 pub const LINGER: Duration = Duration::from_secs(1);
 
+/// Written bytes at the front of the output queue are dropped once there are
+/// this many and they are at least half the buffer (amortized O(1) a byte).
+const COMPACT_AFTER: usize = 64 << 10;
+
 /// Receives what the core counts and journals; the registry implements it.
 pub trait Observer {
     /// The state changed (`from` is `None` for the first entry).
@@ -335,6 +339,12 @@ impl Conn {
         &self.out[self.out_pos..]
     }
 
+    /// Bytes of buffer the connection holds (input partial or held, output
+    /// queue); 0 whenever it is idle.
+    pub fn buffered_capacity(&self) -> usize {
+        self.partial.capacity() + self.held.capacity() + self.out.capacity()
+    }
+
     /// Whether output is queued.
     pub fn wants_write(&self) -> bool {
         self.out_pos < self.out.len() && !matches!(self.phase(), Some(Phase::Done { .. }))
@@ -450,6 +460,11 @@ impl Conn {
             self.out = Vec::new();
             self.out_pos = 0;
             self.out_frames = 0;
+        } else if self.out_pos >= COMPACT_AFTER && self.out_pos * 2 >= self.out.len() {
+            // A peer that reads steadily but never empties the queue would
+            // otherwise grow the buffer by everything ever written through it.
+            self.out.drain(..self.out_pos);
+            self.out_pos = 0;
         }
         if self.paused && self.out.len() - self.out_pos < self.limits.max_pending_output / 2 {
             self.paused = false;
@@ -488,7 +503,10 @@ impl Conn {
             Expiry::Write => self.abort(CloseReason::WriteTimeout, now, obs),
             Expiry::Linger => self.set_phase(Phase::Done { abort: false }),
             Expiry::Grace => {
-                if !matches!(self.phase(), Some(Phase::Done { .. })) {
+                // Only a connection still busy is forced: one whose close
+                // waits for nothing but shutdown(SHUT_WR) and close() (stop's
+                // idle close, even with a grace of 0) finishes gracefully.
+                if self.action() == Action::Continue {
                     self.forced = !self.closing_before_stop;
                     self.abort(CloseReason::Shutdown, now, obs);
                 }
@@ -605,10 +623,12 @@ impl Conn {
     fn settle(&mut self, now: Instant, obs: &mut impl Observer) {
         if self.close.is_none() {
             let nothing_owed = self.out.is_empty() && self.held.is_empty();
-            if self.peer_eof && nothing_owed {
-                self.decide(CloseReason::Eof, now, obs);
-            } else if matches!(self.stop, Stop::Draining { .. }) && nothing_owed && !self.decoder.in_frame() {
+            // The drain close comes first: every connection open when stop
+            // began closes with `shutdown`, a half-closed one included.
+            if matches!(self.stop, Stop::Draining { .. }) && nothing_owed && !self.decoder.in_frame() {
                 self.decide(CloseReason::Shutdown, now, obs);
+            } else if self.peer_eof && nothing_owed {
+                self.decide(CloseReason::Eof, now, obs);
             } else if self.is_idle() {
                 self.idle_since.get_or_insert(now);
             } else {
