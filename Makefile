@@ -7,6 +7,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deps-stamp
 
+# maturin develop installs the package's dependencies through pip: keep that quiet.
+export PIP_QUIET := 1
+
 .PHONY: help setup build lint fmt rust-test py-test test compare clean
 
 help:

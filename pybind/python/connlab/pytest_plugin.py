@@ -47,6 +47,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULTS] = {}
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_SESSION_START] = (probe.fd_count(), probe.thread_count())
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "connlab_backend" in metafunc.fixturenames:
         metafunc.parametrize("connlab_backend", _selected_backends(metafunc.config))
@@ -59,6 +64,7 @@ class _Outcome:
 
 
 _RESULTS = pytest.StashKey[dict[tuple[str, str], _Outcome]]()
+_SESSION_START = pytest.StashKey[tuple[int, int]]()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -83,6 +89,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    fds, threads = config.stash[_SESSION_START]
+    terminalreporter.write_line(
+        f"connlab: this process had {fds} fds and {threads} threads before the session, "
+        f"{probe.fd_count()} and {probe.thread_count()} after it"
+    )
     if not config.getoption("connlab_grid"):
         return
     results = config.stash[_RESULTS]
