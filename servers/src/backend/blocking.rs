@@ -7,31 +7,25 @@
 //! wake a thread parked on a socket without destroying the connection, which
 //! a draining stop needs. The read and write after a wake use `MSG_DONTWAIT`.
 
-use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
+use super::driver::{self, Link, Next};
 use super::{accept_one, Accepted, BackendKind, Server, ACCEPT_BACKOFF};
 use crate::config::{Config, Error};
-use crate::conn::{Action, Conn, Limits};
-use crate::registry::{ConnHandle, Registry};
+use crate::registry::Registry;
 use crate::shutdown::{ServerThread, StopReport, StopSignal, ThreadSet};
 use crate::sys::{self, Waker};
-
-/// Read buffer size; allocated while a connection is busy, freed when idle.
-const READ_CHUNK: usize = 64 << 10;
 
 /// What the acceptor and every connection thread share.
 #[derive(Debug)]
 struct Shared {
     /// The server's registry.
     registry: Arc<Registry>,
-    /// Per-connection limits.
-    limits: Limits,
-    /// Socket timeouts set on every accepted socket.
+    /// Limits and socket timeouts for every connection.
     config: Config,
     /// Raised when stop begins (after the listener is closed).
     stop: StopSignal,
@@ -52,25 +46,20 @@ pub struct BlockingServer {
 impl BlockingServer {
     /// Starts the acceptor on `listener`.
     pub(super) fn start(config: Config, listener: Socket, registry: Arc<Registry>) -> Result<Self, Error> {
-        let io = |context: &str| {
-            let context = context.to_string();
-            move |source| Error::Io { field: "backend", context, source }
-        };
         let shared = Arc::new(Shared {
             registry,
-            limits: config.limits(),
             config,
-            stop: StopSignal::new().map_err(io("creating the stop eventfd"))?,
+            stop: StopSignal::new().map_err(super::start_error("creating the stop eventfd"))?,
             threads: ThreadSet::default(),
         });
-        let accept_stop = Arc::new(Waker::new().map_err(io("creating the accept eventfd"))?);
+        let accept_stop = Arc::new(Waker::new().map_err(super::start_error("creating the accept eventfd"))?);
         let acceptor = {
             let shared = Arc::clone(&shared);
             let accept_stop = Arc::clone(&accept_stop);
             ServerThread::spawn("connlab-blocking".into(), None, move || {
                 accept_loop(&shared, listener, &accept_stop)
             })
-            .map_err(io("spawning the acceptor thread"))?
+            .map_err(super::start_error("spawning the acceptor thread"))?
         };
         Ok(BlockingServer { shared, acceptor: Mutex::new(Some((acceptor, accept_stop))) })
     }
@@ -120,8 +109,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: Socket, stop: &Waker) {
     let _alive = shared.registry.thread_guard();
     let mut backoff_until: Option<Instant> = None;
     loop {
-        let mut fds =
-            [sys::pollfd(stop.raw(), libc::POLLIN), sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
+        let mut fds = [sys::pollfd(stop.raw(), libc::POLLIN), sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
         // While backing off, the listener is left out of the poll set.
         let (watched, timeout) = match backoff_until {
             Some(until) => (1, Some(until.saturating_duration_since(Instant::now()))),
@@ -156,137 +144,64 @@ fn accept_loop(shared: &Arc<Shared>, listener: Socket, stop: &Waker) {
 
 /// Registers a connection and starts its thread (or rejects it).
 fn admit(shared: &Arc<Shared>, sock: Socket, peer: std::net::SocketAddr) {
-    let Some(mut handle) = shared.registry.register(peer) else {
-        drop(sock); // over max_connections: closed without reading
-        return;
-    };
     // Accepted sockets inherit nothing useful here: set both timeouts
     // explicitly (they bound any blocking call; ours use MSG_DONTWAIT).
     let _ = sock.set_read_timeout(shared.config.read_timeout);
     let _ = sock.set_write_timeout(shared.config.write_timeout);
-    let now = Instant::now();
-    let conn = Conn::new(shared.limits, now, &mut handle);
-    let name = format!("connlab-blocking-{}", handle.id());
-    // The closure owns the connection; if spawning fails it comes back.
-    let slot = Arc::new(Mutex::new(Some((sock, conn, handle))));
+    let Some(link) = Link::admit(&shared.registry, shared.config.limits(), sock, peer) else {
+        return; // over max_connections: closed without reading
+    };
+    let name = format!("connlab-blocking-{}", link.id());
+    // The closure owns the link; if spawning fails it comes back.
+    let slot = Arc::new(Mutex::new(Some(link)));
     let taken = Arc::clone(&slot);
     let thread_shared = Arc::clone(shared);
     let spawned = ServerThread::spawn(name, Some(shared.config.thread_stack), move || {
         let _alive = thread_shared.registry.thread_guard();
-        if let Some((sock, conn, handle)) = taken.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            serve(&thread_shared, sock, conn, handle);
+        if let Some(link) = taken.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            serve(&thread_shared, link);
         }
     });
     match spawned {
         Ok(thread) => shared.threads.push(thread),
         Err(err) => {
-            if let Some((sock, mut conn, mut handle)) = slot.lock().unwrap_or_else(|e| e.into_inner()).take()
-            {
-                // No thread for it: it closes with io_error, nothing panics.
-                conn.on_error(&err, now, &mut handle);
-                finish(sock, &conn, handle);
+            // No thread for it: it closes with io_error, nothing panics.
+            if let Some(link) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                link.fail(&err);
             }
         }
     }
 }
 
 /// Serves one connection until it is closed.
-fn serve(shared: &Shared, sock: Socket, mut conn: Conn, mut handle: ConnHandle) {
-    let fd = sock.as_raw_fd();
-    let mut stop_seen = false;
+fn serve(shared: &Shared, mut link: Link) {
+    let fd = link.fd();
     let mut buf: Vec<u8> = Vec::new();
+    let mut hangup = false;
     loop {
-        let now = Instant::now();
-        if !stop_seen {
-            if let Some(grace_end) = shared.stop.grace_end() {
-                stop_seen = true;
-                let rx_empty = sys::fionread(fd).map_or(true, |n| n == 0);
-                conn.on_stop(now, grace_end, rx_empty, &mut handle);
-            }
-        }
-        if conn.deadline().is_some_and(|at| at <= now) {
-            conn.on_timer(now, &mut handle);
-        }
-        match conn.action() {
-            Action::Continue => {}
-            Action::ShutdownWrite => {
-                // An error here means the peer is gone; lingering ends it.
-                let _ = sock.shutdown(Shutdown::Write);
-                conn.on_shutdown_write(now);
-                continue;
-            }
-            Action::Close | Action::Abort => break,
-        }
-        if conn.wants_write() {
-            match sys::send(fd, conn.pending()) {
-                Ok(n) => {
-                    conn.on_written(n, now, &mut handle);
-                    continue;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    conn.on_error(&e, now, &mut handle);
-                    continue;
-                }
-            }
-        }
-        if conn.is_idle() {
+        let interest = match link.drive(&mut buf, shared.stop.grace_end(), hangup) {
+            Next::Done => return,
+            Next::Wait(interest) => interest,
+        };
+        if link.is_idle() {
             buf = Vec::new(); // an idle connection holds no buffer
         }
         let mut events = 0;
-        if conn.wants_read() {
+        if interest.read {
             events |= libc::POLLIN;
         }
-        if conn.wants_write() {
+        if interest.write {
             events |= libc::POLLOUT;
         }
         let mut fds = [sys::pollfd(fd, events), sys::pollfd(shared.stop.fd(), libc::POLLIN)];
-        let watched = if stop_seen { 1 } else { 2 };
-        let timeout = conn.deadline().map(|at| at.saturating_duration_since(now));
-        match sys::poll(&mut fds[..watched], timeout) {
+        let watched = if link.stop_seen() { 1 } else { 2 };
+        match sys::poll(&mut fds[..watched], driver::until(interest.deadline, Instant::now())) {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                conn.on_error(&e, Instant::now(), &mut handle);
-                continue;
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("poll on a connection failed: {e}"),
         }
         let revents = fds[0].revents;
-        let now = Instant::now();
-        if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && conn.wants_read() {
-            if buf.capacity() == 0 {
-                buf.reserve_exact(READ_CHUNK);
-            }
-            buf.clear();
-            match sys::recv_into(fd, &mut buf) {
-                Ok(0) => conn.on_eof(now, &mut handle),
-                Ok(_) => conn.on_read(&buf, now, &mut handle),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => conn.on_error(&e, now, &mut handle),
-            }
-        } else if revents & (libc::POLLERR | libc::POLLHUP) != 0 && !conn.wants_write() {
-            // Neither reading nor writing, yet the socket reports trouble:
-            // take it now rather than poll on it again (which would spin).
-            match sys::take_socket_error(fd) {
-                Ok(Some(e)) | Err(e) => conn.on_error(&e, now, &mut handle),
-                Ok(None) => conn.on_eof(now, &mut handle),
-            }
-        }
+        hangup = revents & (libc::POLLHUP | libc::POLLERR) != 0;
+        link.ready(revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0, revents & libc::POLLOUT != 0);
     }
-    finish(sock, &conn, handle);
-}
-
-/// Closes the socket as the core decided (abortively: `SO_LINGER` 0), then
-/// unregisters the connection.
-fn finish(sock: Socket, conn: &Conn, handle: ConnHandle) {
-    if conn.action() == Action::Abort {
-        let _ = sock.set_linger(Some(Duration::ZERO));
-    }
-    drop(sock);
-    handle.unregister(conn);
 }

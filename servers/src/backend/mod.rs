@@ -15,6 +15,7 @@ use crate::registry::{ConnInfo, Registry, Stats, Transition};
 use crate::shutdown::StopReport;
 
 pub mod blocking;
+mod driver;
 
 /// Every backend; the one place that lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -153,6 +154,12 @@ fn listen(config: &Config) -> Result<Socket, Error> {
     })?;
     socket.listen(config.backlog as i32).map_err(io_err("backlog", "listening on"))?;
     Ok(socket)
+}
+
+/// Maps a syscall failure while starting a backend to a start error.
+pub(crate) fn start_error(context: &str) -> impl FnOnce(io::Error) -> Error {
+    let context = context.to_string();
+    move |source| Error::Io { field: "backend", context, source }
 }
 
 /// What one `accept` gave.
