@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::registry::Registry;
 use crate::sys::{self, Waker};
 
 /// What `stop` returns (DESIGN.md §4).
@@ -61,6 +62,30 @@ impl StopSignal {
     /// Closes the eventfd; call once every thread that polls it is joined.
     pub fn close(&self) {
         self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// The registry's counts at the moment the listener closed, from which
+/// `stop` computes its report.
+#[derive(Debug, Default)]
+pub struct StopPoint {
+    /// `(active, forced)` when the listener closed.
+    at: OnceLock<(u64, u64)>,
+}
+
+impl StopPoint {
+    /// Records the counts; call right after closing the listener, when no
+    /// connection can be added any more.
+    pub fn record(&self, registry: &Registry) {
+        let _ = self.at.set((registry.active(), registry.forced()));
+    }
+
+    /// The report once every connection is closed: `forced` are those the
+    /// grace's end aborted, `drained` the rest of those open at the stop.
+    pub fn report(&self, registry: &Registry, started: Instant) -> StopReport {
+        let (active, forced_before) = self.at.get().copied().unwrap_or_default();
+        let forced = registry.forced() - forced_before;
+        StopReport { drained: active - forced, forced, elapsed: started.elapsed() }
     }
 }
 

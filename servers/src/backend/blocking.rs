@@ -109,7 +109,8 @@ fn accept_loop(shared: &Arc<Shared>, listener: Socket, stop: &Waker) {
     let _alive = shared.registry.thread_guard();
     let mut backoff_until: Option<Instant> = None;
     loop {
-        let mut fds = [sys::pollfd(stop.raw(), libc::POLLIN), sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
+        let mut fds =
+            [sys::pollfd(stop.raw(), libc::POLLIN), sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
         // While backing off, the listener is left out of the poll set.
         let (watched, timeout) = match backoff_until {
             Some(until) => (1, Some(until.saturating_duration_since(Instant::now()))),
@@ -202,6 +203,9 @@ fn serve(shared: &Shared, mut link: Link) {
         }
         let revents = fds[0].revents;
         hangup = revents & (libc::POLLHUP | libc::POLLERR) != 0;
-        link.ready(revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0, revents & libc::POLLOUT != 0);
+        link.ready(
+            revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
+            revents & libc::POLLOUT != 0,
+        );
     }
 }
