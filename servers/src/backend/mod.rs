@@ -17,24 +17,28 @@ use crate::shutdown::StopReport;
 pub mod blocking;
 mod driver;
 pub mod epoll;
+pub mod poll;
 
 /// Every backend; the one place that lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {
     /// One OS thread per connection.
     Blocking,
+    /// One thread, `poll(2)` over every connection.
+    Poll,
     /// One thread, edge-triggered epoll through mio.
     Epoll,
 }
 
 impl BackendKind {
     /// Every backend that exists, in presentation order.
-    pub const ALL: [BackendKind; 2] = [BackendKind::Blocking, BackendKind::Epoll];
+    pub const ALL: [BackendKind; 3] = [BackendKind::Blocking, BackendKind::Poll, BackendKind::Epoll];
 
     /// The name used on the command line, in stats and in Python.
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Blocking => "blocking",
+            BackendKind::Poll => "poll",
             BackendKind::Epoll => "epoll",
         }
     }
@@ -136,6 +140,7 @@ pub fn start(kind: BackendKind, config: Config) -> Result<Box<dyn Server>, Error
     let registry = Arc::new(Registry::new(kind, address, config.max_connections, config.journal_capacity));
     let server: Box<dyn Server> = match kind {
         BackendKind::Blocking => Box::new(blocking::BlockingServer::start(config, listener, registry)?),
+        BackendKind::Poll => Box::new(poll::PollServer::start(config, listener, registry)?),
         BackendKind::Epoll => Box::new(epoll::EpollServer::start(config, listener, registry)?),
     };
     Ok(server)
