@@ -123,15 +123,21 @@ impl ServerThread {
     /// it from `/proc/self/task`, so thread counts read after `stop` are exact.
     pub fn join(self) {
         let _ = self.handle.join();
-        let tid = self.tid.load(Ordering::Acquire);
-        if tid == 0 {
-            return;
-        }
-        let path = format!("/proc/self/task/{tid}");
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while std::path::Path::new(&path).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        wait_gone(self.tid.load(Ordering::Acquire));
+    }
+}
+
+/// Waits (up to 2 s) until thread `tid` has left `/proc/self/task`: a joined
+/// or finished thread lingers there briefly, and thread counts read after
+/// `stop` must be exact. A tid of 0 (never started) returns at once.
+pub fn wait_gone(tid: libc::pid_t) {
+    if tid == 0 {
+        return;
+    }
+    let path = format!("/proc/self/task/{tid}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while std::path::Path::new(&path).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 

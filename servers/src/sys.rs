@@ -37,7 +37,16 @@ impl Waker {
         Ok(Waker { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
 
-    /// Makes the eventfd readable for good.
+    /// Resets the counter (the eventfd stops being readable); for a waker
+    /// used many times.
+    pub fn drain(&self) {
+        let mut count: u64 = 0;
+        // `count` is 8 writable bytes that outlive the call. EAGAIN (not
+        // woken) is fine: there was nothing to drain.
+        let _ = syscall!(read(self.fd.as_raw_fd(), (&mut count as *mut u64).cast(), 8));
+    }
+
+    /// Makes the eventfd readable (until drained).
     pub fn wake(&self) -> io::Result<()> {
         let one: u64 = 1;
         // `one` lives across the call and is 8 bytes, as eventfd requires.
@@ -51,14 +60,72 @@ impl Waker {
     }
 }
 
+/// An epoll instance, used directly where mio has no equivalent
+/// (`EPOLLONESHOT` hand-offs in the `pool` backend).
+#[derive(Debug)]
+pub struct Epoll {
+    /// The epoll fd.
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    /// A new epoll instance (close-on-exec).
+    pub fn new() -> io::Result<Self> {
+        let fd = syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?;
+        // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
+        Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: data };
+        // `event` outlives the call; the kernel copies it.
+        syscall!(epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut event))?;
+        Ok(())
+    }
+
+    /// Adds `fd`, reporting `events` with `data`.
+    pub fn add(&self, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, events, data)
+    }
+
+    /// Changes (and, for `EPOLLONESHOT`, re-arms) `fd`'s registration.
+    pub fn modify(&self, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, events, data)
+    }
+
+    /// Removes `fd`.
+    pub fn delete(&self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    /// Waits for events into the spare capacity of `events` (cleared
+    /// first); EINTR comes back as `Interrupted`.
+    pub fn wait(&self, events: &mut Vec<libc::epoll_event>, timeout: Option<Duration>) -> io::Result<()> {
+        events.clear();
+        let ms = timeout_ms(timeout);
+        let max = events.capacity().min(i32::MAX as usize) as libc::c_int;
+        // The buffer has room for `max` events, which the kernel fills.
+        let n = syscall!(epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), max, ms))?;
+        // SAFETY: epoll_wait initialized the first `n` events.
+        unsafe { events.set_len(n as usize) };
+        Ok(())
+    }
+}
+
+/// A timeout rounded up to whole milliseconds (rounding down would wake
+/// early and spin until the deadline); `None` is −1, forever.
+fn timeout_ms(timeout: Option<Duration>) -> libc::c_int {
+    match timeout {
+        None => -1,
+        Some(t) => t.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int,
+    }
+}
+
 /// `poll(2)` with a timeout rounded up to whole milliseconds (rounding down
 /// would wake early and spin until the deadline); `None` waits forever.
 /// Returns the number of ready fds; EINTR comes back as `Interrupted`.
 pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
-    let ms = match timeout {
-        None => -1,
-        Some(t) => t.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32,
-    };
+    let ms = timeout_ms(timeout);
     // `fds` is a valid slice of pollfd for its whole length.
     let n = syscall!(poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms))?;
     Ok(n as usize)

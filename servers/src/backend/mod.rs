@@ -18,12 +18,15 @@ pub mod blocking;
 mod driver;
 pub mod epoll;
 pub mod poll;
+pub mod pool;
 
 /// Every backend; the one place that lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {
     /// One OS thread per connection.
     Blocking,
+    /// A readiness dispatcher and a fixed pool of workers.
+    Pool,
     /// One thread, `poll(2)` over every connection.
     Poll,
     /// One thread, edge-triggered epoll through mio.
@@ -32,12 +35,14 @@ pub enum BackendKind {
 
 impl BackendKind {
     /// Every backend that exists, in presentation order.
-    pub const ALL: [BackendKind; 3] = [BackendKind::Blocking, BackendKind::Poll, BackendKind::Epoll];
+    pub const ALL: [BackendKind; 4] =
+        [BackendKind::Blocking, BackendKind::Pool, BackendKind::Poll, BackendKind::Epoll];
 
     /// The name used on the command line, in stats and in Python.
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Blocking => "blocking",
+            BackendKind::Pool => "pool",
             BackendKind::Poll => "poll",
             BackendKind::Epoll => "epoll",
         }
@@ -140,6 +145,7 @@ pub fn start(kind: BackendKind, config: Config) -> Result<Box<dyn Server>, Error
     let registry = Arc::new(Registry::new(kind, address, config.max_connections, config.journal_capacity));
     let server: Box<dyn Server> = match kind {
         BackendKind::Blocking => Box::new(blocking::BlockingServer::start(config, listener, registry)?),
+        BackendKind::Pool => Box::new(pool::PoolServer::start(config, listener, registry)?),
         BackendKind::Poll => Box::new(poll::PollServer::start(config, listener, registry)?),
         BackendKind::Epoll => Box::new(epoll::EpollServer::start(config, listener, registry)?),
     };
