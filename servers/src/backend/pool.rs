@@ -34,6 +34,7 @@ const LISTENER: u64 = u64::MAX - 2;
 
 /// Where a connection is.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "boxing the link would allocate on every hand-off")]
 enum Slot {
     /// In the table, armed in epoll.
     Idle(Link),
@@ -310,11 +311,7 @@ impl<'a> Dispatcher<'a> {
             let table = &mut *table;
             while let Some((key, id, at)) = table.timers.pop_due(now) {
                 match table.slots.get_mut(key) {
-                    Some(Slot::Idle(link)) => {
-                        if Timers::claim(link, id, at) {
-                            due.push(key);
-                        }
-                    }
+                    Some(Slot::Idle(link)) => due.extend(Timers::claim(link, id, at).then_some(key)),
                     Some(Slot::Busy { timer_lost }) => *timer_lost = true,
                     None => {}
                 }
