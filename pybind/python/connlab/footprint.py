@@ -1,0 +1,110 @@
+"""What idle connections cost a backend: RSS, threads and fds of a `connlab serve` child as they grow."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from connlab import probe
+from connlab.client import connect, encode, read_frame, wait_until
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The server process with `connections` idle connections open."""
+
+    connections: int
+    rss_bytes: int
+    threads: int
+    fds: int
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Samples at each step, and the RSS slope over them (bytes per idle connection)."""
+
+    backend: str
+    samples: tuple[Sample, ...]
+
+    @property
+    def rss_per_connection(self) -> float:
+        """Least-squares slope of RSS over connections."""
+        xs = [s.connections for s in self.samples]
+        ys = [s.rss_bytes for s in self.samples]
+        n = len(xs)
+        mean_x, mean_y = sum(xs) / n, sum(ys) / n
+        var = sum((x - mean_x) ** 2 for x in xs)
+        if var == 0:
+            raise ValueError("need at least two different connection counts")
+        return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
+
+
+def _raise_nofile(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise OSError(f"RLIMIT_NOFILE hard limit {hard} is below the {needed} fds needed")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def idle_footprint(
+    backend: str, steps: Sequence[int] = (0, 1000, 5000), workers: int | None = None
+) -> Footprint:
+    """Runs `backend` in a child process and opens idle connections to it, step by step.
+
+    Each connection is served one small frame first (so any buffer a backend allocates for
+    traffic has been allocated once), then left open and silent. At each step, once the
+    kernel shows every connection established in the child, the child's RSS, native threads
+    and fds are sampled. Timeouts are disabled so nothing closes meanwhile.
+    """
+    if list(steps) != sorted(steps) or not steps:
+        raise ValueError(f"steps must be non-empty and ascending, got {list(steps)}")
+    _raise_nofile(2 * steps[-1] + 256)  # the child inherits the raised limit
+    cmd = [sys.executable, "-m", "connlab", "serve", "--backend", backend, "--port", "0", "--backlog", "4096"]
+    cmd += ["--idle-timeout", "0", "--read-timeout", "0", "--write-timeout", "0"]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    clients = []
+    try:
+        assert child.stdout is not None
+        listening = json.loads(child.stdout.readline())
+        address = (listening["host"], listening["port"])
+        samples = []
+        for target in steps:
+            while len(clients) < target:
+                client = connect(address, timeout=10)
+                client.sendall(encode(b"ping"))
+                if read_frame(client) != b"ping":
+                    raise RuntimeError("the server answered with a different frame")
+                clients.append(client)
+            wait_until(
+                lambda target=target: probe.port_view(address[1], pid=child.pid).established == target,
+                timeout=10,
+                what=f"{target} connections established in the server",
+            )
+            samples.append(
+                Sample(
+                    connections=target,
+                    rss_bytes=probe.rss_bytes(child.pid),
+                    threads=probe.thread_count(child.pid),
+                    fds=probe.fd_count(child.pid),
+                )
+            )
+        return Footprint(backend=backend, samples=tuple(samples))
+    finally:
+        for client in clients:
+            client.close()
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        if child.stdout:
+            child.stdout.close()
