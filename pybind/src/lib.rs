@@ -59,6 +59,8 @@ fn addr_tuple<'py>(py: Python<'py>, addr: SocketAddr) -> PyResult<Bound<'py, PyT
 struct PyServer {
     /// The running server; `stop` is idempotent on it.
     inner: Box<dyn Server>,
+    /// The listener's address, fixed at start (read without a lock).
+    address: SocketAddr,
 }
 
 #[pymethods]
@@ -113,7 +115,8 @@ impl PyServer {
             thread_stack: count("thread_stack", thread_stack)?,
         };
         let inner = py.detach(|| connlab_servers::start(kind, config)).map_err(NativeError)?;
-        Ok(PyServer { inner })
+        let address = inner.local_addr();
+        Ok(PyServer { inner, address })
     }
 
     /// The backend's name.
@@ -125,7 +128,7 @@ impl PyServer {
     /// The listener's `(host, port)`.
     #[getter]
     fn address<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        addr_tuple(py, self.inner.local_addr())
+        addr_tuple(py, self.address)
     }
 
     /// Every counter, as DESIGN.md §6 lists them.
@@ -243,7 +246,7 @@ impl PyServer {
     }
 
     fn __repr__(&self) -> String {
-        format!("<connlab.Server backend={} address={}>", self.inner.kind(), self.inner.local_addr())
+        format!("<connlab.Server backend={} address={}>", self.inner.kind(), self.address)
     }
 }
 

@@ -70,6 +70,15 @@ impl Config {
         at_least("max_pending_output", self.max_pending_output as u64, 1)?;
         at_least("backlog", u64::from(self.backlog), 1)?;
         at_least("thread_stack", self.thread_stack as u64, 16 << 10)?;
+        for (field, timeout) in [
+            ("idle_timeout", self.idle_timeout),
+            ("read_timeout", self.read_timeout),
+            ("write_timeout", self.write_timeout),
+        ] {
+            if timeout.is_some_and(|t| t > MAX_TIMEOUT) {
+                return Err(Error::invalid(field, format!("must be at most {} s", MAX_TIMEOUT.as_secs())));
+            }
+        }
         if self.backlog > i32::MAX as u32 {
             return Err(Error::invalid("backlog", format!("must be at most {}", i32::MAX)));
         }
@@ -88,11 +97,16 @@ impl Config {
     }
 }
 
-/// A timeout given in seconds: 0 disables the clock; negative, NaN or
-/// infinite values are errors naming `field`.
+/// The longest timeout or grace accepted (about 115 days): long enough for
+/// any test, short enough that `Instant + timeout` cannot overflow.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(10_000_000);
+
+/// A timeout given in seconds: 0 disables the clock; negative, NaN, infinite
+/// or over [`MAX_TIMEOUT`] values are errors naming `field`.
 pub fn timeout_from_secs(field: &'static str, secs: f64) -> Result<Option<Duration>, Error> {
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(Error::invalid(field, format!("must be a finite number of seconds ≥ 0, got {secs}")));
+    if !secs.is_finite() || secs < 0.0 || secs > MAX_TIMEOUT.as_secs_f64() {
+        let max = MAX_TIMEOUT.as_secs();
+        return Err(Error::invalid(field, format!("must be a number of seconds in [0, {max}], got {secs}")));
     }
     Ok((secs > 0.0).then(|| Duration::from_secs_f64(secs)))
 }
@@ -168,6 +182,9 @@ mod tests {
         let err = timeout_from_secs("idle_timeout", -1.0).unwrap_err();
         assert_eq!(err.field(), "idle_timeout");
         assert!(timeout_from_secs("read_timeout", f64::NAN).is_err());
+        assert_eq!(timeout_from_secs("write_timeout", 1e20).unwrap_err().field(), "write_timeout");
+        let bad = Config { idle_timeout: Some(Duration::from_secs(u64::MAX)), ..Config::default() };
+        assert_eq!(bad.validate().unwrap_err().field(), "idle_timeout");
     }
 
     #[test]

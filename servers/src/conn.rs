@@ -260,8 +260,9 @@ pub struct Conn {
     out: Vec<u8>,
     /// Bytes of `out` already written.
     out_pos: usize,
-    /// Answers wholly inside `out`, counted in `frames_out` once flushed.
-    out_frames: u64,
+    /// Offset in `out` just past the answer being written (0 with `out`
+    /// empty): answers are queued whole, so the next one's header is there.
+    head_end: usize,
     /// The state last journaled (the rule of DESIGN.md §3 applied).
     state: State,
     /// Whether any byte was ever consumed (Connecting vs ReadingHeader).
@@ -299,7 +300,7 @@ impl Conn {
             held: Vec::new(),
             out: Vec::new(),
             out_pos: 0,
-            out_frames: 0,
+            head_end: 0,
             state: State::Connecting,
             consumed_any: false,
             close: None,
@@ -455,18 +456,31 @@ impl Conn {
         self.write_since = now;
         self.out_pos += n;
         debug_assert!(self.out_pos <= self.out.len());
+        let mut done = 0;
+        while self.head_end != 0 && self.out_pos >= self.head_end {
+            done += 1;
+            self.head_end = match self.out.get(self.head_end..self.head_end + HEADER_LEN) {
+                Some(header) => {
+                    let len = u32::from_be_bytes(header.try_into().expect("4 bytes")) as usize;
+                    self.head_end + HEADER_LEN + len
+                }
+                None => 0,
+            };
+        }
+        if done > 0 {
+            obs.frames_out(done);
+        }
         if self.out_pos == self.out.len() {
-            obs.frames_out(self.out_frames);
             self.out = Vec::new();
             self.out_pos = 0;
-            self.out_frames = 0;
         } else if self.out_pos >= COMPACT_AFTER && self.out_pos * 2 >= self.out.len() {
             // A peer that reads steadily but never empties the queue would
             // otherwise grow the buffer by everything ever written through it.
             self.out.drain(..self.out_pos);
+            self.head_end -= self.out_pos;
             self.out_pos = 0;
         }
-        if self.paused && self.out.len() - self.out_pos < self.limits.max_pending_output / 2 {
+        if self.paused && (self.out.len() - self.out_pos) * 2 < self.limits.max_pending_output {
             self.paused = false;
             if self.close.is_none() && !self.held.is_empty() {
                 let held = std::mem::take(&mut self.held);
@@ -592,35 +606,38 @@ impl Conn {
 
     /// Queues the answer to a frame whose whole body is `body`.
     fn queue_frame(&mut self, body: &[u8], now: Instant) {
-        self.start_output(now);
+        self.start_output(now, body.len());
         self.out.reserve(HEADER_LEN + body.len());
         self.out.extend_from_slice(&crate::codec::header(body.len() as u32));
         self.out.extend_from_slice(body);
-        self.out_frames += 1;
     }
 
     /// Queues the frame gathered in `partial`, moving the buffer if it can.
     fn queue_partial(&mut self, now: Instant) {
-        self.start_output(now);
+        self.start_output(now, self.partial.len() - HEADER_LEN);
         if self.out.is_empty() {
             self.out = std::mem::take(&mut self.partial);
         } else {
             self.out.extend_from_slice(&self.partial);
             self.partial = Vec::new();
         }
-        self.out_frames += 1;
     }
 
-    /// Starts the write clock when output goes from empty to queued.
-    fn start_output(&mut self, now: Instant) {
-        if self.out_pos == self.out.len() {
+    /// Starts the write clock when output goes from empty to queued, and
+    /// marks where that first answer (of body length `len`) ends.
+    fn start_output(&mut self, now: Instant, len: usize) {
+        if self.out.is_empty() {
             self.write_since = now;
+            self.head_end = HEADER_LEN + len;
         }
     }
 
     /// Re-derives everything that follows from the buffers after an event:
     /// backpressure, the half-close and stop closes, the idle clock, the state.
     fn settle(&mut self, now: Instant, obs: &mut impl Observer) {
+        // The state this event led to is journaled before any close it
+        // causes: a flush that ends a half-close passes through ReadingHeader.
+        self.journal(now, obs);
         if self.close.is_none() {
             let nothing_owed = self.out.is_empty() && self.held.is_empty();
             // The drain close comes first: every connection open when stop
@@ -678,6 +695,8 @@ impl Conn {
 
     /// Drops unparsed input at a close decision; a partial frame counts as
     /// truncated unless the close is a protocol error.
+    /// Input held back by backpressure counts too, even if it holds whole
+    /// frames: it was received and will never be answered.
     fn discard_input(&mut self, reason: CloseReason, obs: &mut impl Observer) {
         let partial = self.decoder.in_frame() || !self.held.is_empty();
         if partial && reason != CloseReason::ProtocolError {
@@ -725,9 +744,14 @@ fn done_frame(what: &Decoded<'_>) -> bool {
 /// Which clock expired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expiry {
+    /// `idle_timeout`: nothing in progress for too long.
     Idle,
+    /// `read_timeout`: a frame not complete in time.
     Read,
+    /// `write_timeout`: queued output made no progress.
     Write,
+    /// The lingering close's read-and-discard time is over.
     Linger,
+    /// The stop's grace ended.
     Grace,
 }

@@ -125,20 +125,35 @@ struct Journal {
 /// that is exact only at quiescence.
 #[derive(Debug, Default)]
 struct Counters {
+    /// Registered connections; admission compares it with `max_connections`.
     active: AtomicU64,
+    /// Every accepted connection, rejected ones included.
     accepted: AtomicU64,
+    /// Every closed connection, rejected ones included.
     closed: AtomicU64,
+    /// Connections refused over `max_connections`.
     rejected: AtomicU64,
+    /// Highest `active` reached.
     peak_active: AtomicU64,
+    /// Registered connections per state (indexed by `State as usize`).
     by_state: [AtomicU64; 5],
+    /// Closed connections per reason (indexed by `CloseReason as usize`).
     closed_by: [AtomicU64; 9],
+    /// Whole frames received.
     frames_in: AtomicU64,
+    /// Answers whose last byte was written.
     frames_out: AtomicU64,
+    /// Bytes read.
     bytes_in: AtomicU64,
+    /// Bytes written.
     bytes_out: AtomicU64,
+    /// Partial frames discarded at close.
     truncated: AtomicU64,
+    /// `accept` failures with EMFILE or ENFILE.
     emfile: AtomicU64,
+    /// Other `accept` failures.
     accept_other: AtomicU64,
+    /// Server threads alive.
     threads: AtomicU64,
     /// Connections aborted when a stop's grace ended.
     forced: AtomicU64,

@@ -23,6 +23,12 @@ pub struct StopReport {
     pub elapsed: Duration,
 }
 
+/// When a stop that began at `started` with `grace` ends its grace; a grace
+/// beyond [`crate::config::MAX_TIMEOUT`] is capped (it cannot overflow).
+pub fn grace_end(started: Instant, grace: Duration) -> Instant {
+    started + grace.min(crate::config::MAX_TIMEOUT)
+}
+
 /// The stop signal: when the grace ends, published before the waker fires.
 #[derive(Debug)]
 pub struct StopSignal {

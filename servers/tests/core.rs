@@ -3,6 +3,7 @@
 //! everything, held to the contract of DESIGN.md §2-4.
 
 use std::io;
+
 use std::time::{Duration, Instant};
 
 use connlab_servers::codec::{encode, header};
@@ -1070,7 +1071,11 @@ fn half_close_still_delivers_every_answer_then_closes_with_eof() {
     out.extend(h.flush(ms(4)));
     assert_eq!(out, stream);
     assert_eq!((h.state(), h.reason()), (Closing, Some(CloseReason::Eof)));
-    assert_eq!(h.journal_since(h.rec.journal.len() - 1), vec![to_closing(Writing, CloseReason::Eof)]);
+    assert_eq!(
+        h.journal_since(h.rec.journal.len() - 2),
+        vec![tr(Writing, ReadingHeader), to_closing(ReadingHeader, CloseReason::Eof)],
+        "the flush passes through ReadingHeader before the close"
+    );
     assert_eq!(h.last_transition_at(), ms(4));
     assert_eq!((h.rec.frames_out, h.rec.truncated), (4, 0));
     assert_eq!(h.action(), Action::ShutdownWrite);
@@ -1322,7 +1327,11 @@ fn stop_idle_with_bytes_in_the_kernel_serves_them_first() {
     assert_eq!(h.state(), Writing);
     assert_eq!(h.flush(secs(2)), frame(b"in flight"));
     assert_eq!(h.reason(), Some(CloseReason::Shutdown));
-    assert_eq!(h.journal_since(h.rec.journal.len() - 1), vec![to_closing(Writing, CloseReason::Shutdown)]);
+    assert_eq!(
+        h.journal_since(h.rec.journal.len() - 2),
+        vec![tr(Writing, ReadingHeader), to_closing(ReadingHeader, CloseReason::Shutdown)],
+        "the flush passes through ReadingHeader before the close"
+    );
     assert_eq!(h.action(), Action::ShutdownWrite);
     h.shutdown_write(secs(2));
     // Drained with plenty of grace left: the usual linger.
@@ -1347,7 +1356,11 @@ fn stop_busy_drains_then_closes_gracefully_with_shutdown() {
     out.extend(h.flush(secs(4)));
     assert_eq!(out, whole);
     assert_eq!((h.state(), h.reason()), (Closing, Some(CloseReason::Shutdown)));
-    assert_eq!(h.journal_since(h.rec.journal.len() - 1), vec![to_closing(Writing, CloseReason::Shutdown)]);
+    assert_eq!(
+        h.journal_since(h.rec.journal.len() - 2),
+        vec![tr(Writing, ReadingHeader), to_closing(ReadingHeader, CloseReason::Shutdown)],
+        "the flush passes through ReadingHeader before the close"
+    );
     assert_eq!(h.action(), Action::ShutdownWrite);
     h.shutdown_write(secs(4));
     assert_eq!(h.action(), Action::Continue, "lingering");
@@ -1481,7 +1494,8 @@ fn counters_add_up() {
     assert_eq!(h.rec.frames_in, 3);
     assert_eq!(h.rec.frames_out, 0, "counted once written");
     h.write_some(ms(3), 10);
-    assert_eq!((h.rec.bytes_out, h.rec.frames_out), (10, 0));
+    // "a" (5 bytes) and "" (4 bytes) are whole in the first 10 bytes.
+    assert_eq!((h.rec.bytes_out, h.rec.frames_out), (10, 2), "each answer counts once its last byte is out");
     h.flush(ms(4));
     assert_eq!((h.rec.bytes_out, h.rec.frames_out), (stream.len(), 3));
     h.eof(ms(5));
@@ -1504,4 +1518,30 @@ fn output_buffer_stays_bounded_under_a_steady_partial_reader() {
     assert!(held <= 4 * (256 << 10), "buffers hold {held} bytes");
     h.flush(ms(3000));
     assert_eq!(h.conn.buffered_capacity(), 0, "an idle connection holds no buffer");
+}
+
+#[test]
+fn answers_written_before_an_abort_are_counted() {
+    let mut h = H::new(limits());
+    let stream = frames(&[b"one", b"two", b"three"]);
+    h.read(ms(1), &stream);
+    h.write_some(ms(2), 7 + 7 + 2); // "one", "two", and 2 bytes of "three"
+    h.error(ms(3), libc::ECONNRESET);
+    assert_eq!(h.rec.frames_out, 2, "two answers left whole before the reset");
+}
+
+#[test]
+fn smallest_output_limit_still_resumes_reading() {
+    // max_pending_output = 1: any answer pauses reading; it must resume once
+    // the queue is empty, or the connection would wait forever.
+    let mut h = H::new(Limits { max_pending_output: 1, ..no_clocks() });
+    let stream = frames(&[b"a", b"b", b"c"]);
+    h.read(ms(1), &stream);
+    assert!(!h.conn.wants_read(), "paused behind the first answer");
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        out.extend(h.flush(ms(2)));
+    }
+    assert_eq!(out, stream);
+    assert!(h.conn.wants_read() && h.conn.is_idle());
 }

@@ -118,14 +118,22 @@ fn idle_and_read_timeouts_close_within_bounds() {
     for_each_backend(|kind| {
         let server = server(kind, |_| {});
         let t = Duration::from_millis(500);
+        let within = |elapsed: Duration| elapsed >= t && elapsed <= 2 * t + Duration::from_millis(250);
+        // Each clock starts no earlier than its instant here (connect, send).
+        let idle_start = Instant::now();
         let mut idle = connect(&*server);
         let mut partial = connect(&*server);
-        let start = Instant::now();
+        let partial_start = Instant::now();
         partial.write_all(&[0, 0, 0]).unwrap();
-        assert_eq!(read_to_eof(&mut idle).unwrap(), b"");
+        let reader = std::thread::spawn(move || {
+            assert_eq!(read_to_eof(&mut idle).unwrap(), b"");
+            idle_start.elapsed()
+        });
         assert_eq!(read_to_eof(&mut partial).unwrap(), b"");
-        let elapsed = start.elapsed();
-        assert!(elapsed >= t && elapsed <= 2 * t + Duration::from_millis(250), "{elapsed:?}");
+        let partial_elapsed = partial_start.elapsed();
+        let idle_elapsed = reader.join().unwrap();
+        assert!(within(idle_elapsed), "idle closed after {idle_elapsed:?}");
+        assert!(within(partial_elapsed), "partial closed after {partial_elapsed:?}");
         let s = wait_active(&*server, 0);
         assert_eq!(reason_count(&s, CloseReason::IdleTimeout), 1);
         assert_eq!(reason_count(&s, CloseReason::ReadTimeout), 1);

@@ -88,7 +88,7 @@ impl Server for BlockingServer {
         let forced_before = registry.forced();
         // 2–4. Every connection thread decides for itself: idle ones close at
         //    once, busy ones drain, the rest abort when the grace ends.
-        self.shared.stop.raise(started + grace);
+        self.shared.stop.raise(crate::shutdown::grace_end(started, grace));
         // 5. Join them all (they are gone by the end of the grace), then close
         //    the last fd the server holds.
         self.shared.threads.join_all();
@@ -119,7 +119,9 @@ fn accept_loop(shared: &Arc<Shared>, listener: Socket, stop: &Waker) {
         match sys::poll(&mut fds[..watched], timeout) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => panic!("poll on the listener failed: {e}"),
+            // Only a lack of kernel memory (ENOMEM) gets here: wait as for
+            // EMFILE rather than spin or give up.
+            Err(_) => std::thread::sleep(ACCEPT_BACKOFF),
         }
         if fds[0].revents != 0 {
             return; // dropping `listener` closes it
@@ -199,7 +201,10 @@ fn serve(shared: &Shared, mut link: Link) {
         match sys::poll(&mut fds[..watched], driver::until(interest.deadline, Instant::now())) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => panic!("poll on a connection failed: {e}"),
+            Err(e) => {
+                link.fail(&e);
+                return;
+            }
         }
         let revents = fds[0].revents;
         hangup = revents & (libc::POLLHUP | libc::POLLERR) != 0;

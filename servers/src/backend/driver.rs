@@ -210,6 +210,18 @@ impl Link {
     }
 }
 
+impl Drop for Link {
+    /// A link dropped while open (a backend thread unwinding) still closes
+    /// its socket and leaves the registry, as `io_error`: no phantom remains.
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.as_mut() {
+            let err = std::io::Error::other("connection dropped by its backend");
+            self.conn.on_error(&err, Instant::now(), handle);
+            self.close();
+        }
+    }
+}
+
 /// The deadlines of a backend's connections, soonest first, keyed by the
 /// connection's slot and registry id (slots are reused; ids are not).
 ///

@@ -88,7 +88,7 @@ impl Server for EpollServer {
         let Some((thread, waker)) = self.running.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return StopReport::default();
         };
-        let _ = self.shared.grace_end.set(started + grace);
+        let _ = self.shared.grace_end.set(crate::shutdown::grace_end(started, grace));
         waker.wake().expect("waking the loop cannot fail");
         // The loop closes the listener, drains, and returns once the last
         // connection is closed; the waker's eventfd closes after it.
@@ -146,7 +146,9 @@ impl<'a> EventLoop<'a> {
             match self.poll.poll(&mut events, driver::until(wake_at, Instant::now())) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => panic!("epoll_wait failed: {e}"),
+                // Only a lack of kernel memory (ENOMEM) gets here: wait as
+                // for EMFILE rather than spin or give up.
+                Err(_) => std::thread::sleep(ACCEPT_BACKOFF),
             }
             for event in events.iter() {
                 match event.token() {

@@ -77,7 +77,7 @@ impl Server for PollServer {
         let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return StopReport::default();
         };
-        self.shared.stop.raise(started + grace);
+        self.shared.stop.raise(crate::shutdown::grace_end(started, grace));
         thread.join();
         self.shared.stop.close();
         self.shared.stop_point.report(&self.shared.registry, started)
@@ -138,7 +138,9 @@ impl<'a> PollLoop<'a> {
             match sys::poll(&mut self.fds, driver::until(wake_at, Instant::now())) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => panic!("poll failed: {e}"),
+                // Only a lack of kernel memory (ENOMEM) gets here: wait as
+                // for EMFILE rather than spin or give up.
+                Err(_) => std::thread::sleep(ACCEPT_BACKOFF),
             }
             if self.fds[STOP].revents != 0 && self.listener.is_some() {
                 self.close_listener();

@@ -188,7 +188,7 @@ impl Server for PoolServer {
             return StopReport::default();
         };
         let shared = running.shared;
-        let _ = shared.grace_asked.set(started + grace);
+        let _ = shared.grace_asked.set(crate::shutdown::grace_end(started, grace));
         shared.stop.wake().expect("writing to an eventfd cannot fail");
         // The dispatcher closes the listener, lets every connection drain or
         // be forced, and returns once the table is empty; dropping its job
@@ -247,7 +247,9 @@ impl<'a> Dispatcher<'a> {
             match self.shared.epoll.wait(&mut events, driver::until(wake_at, Instant::now())) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => panic!("epoll_wait failed: {e}"),
+                // Only a lack of kernel memory (ENOMEM) gets here: wait as
+                // for EMFILE rather than spin or give up.
+                Err(_) => std::thread::sleep(ACCEPT_BACKOFF),
             }
             for event in &events {
                 let (flags, data) = (event.events, event.u64);
