@@ -260,8 +260,20 @@ impl Registry {
 
     /// Counts a server thread for its lifetime (drop the guard at its end).
     pub fn thread_guard(self: &Arc<Self>) -> ThreadGuard {
-        self.counters.threads.fetch_add(1, Relaxed);
+        self.thread_started();
         ThreadGuard(Arc::clone(self))
+    }
+
+    /// Counts a server thread that starts, for threads whose start and end
+    /// are callbacks (a tokio runtime's) rather than a scope that can hold a
+    /// [`ThreadGuard`]; pair each call with [`Registry::thread_stopped`].
+    pub(crate) fn thread_started(&self) {
+        self.counters.threads.fetch_add(1, Relaxed);
+    }
+
+    /// Uncounts a thread counted by [`Registry::thread_started`].
+    pub(crate) fn thread_stopped(&self) {
+        self.counters.threads.fetch_sub(1, Relaxed);
     }
 
     /// A snapshot of every counter.
@@ -359,7 +371,7 @@ pub struct ThreadGuard(Arc<Registry>);
 
 impl Drop for ThreadGuard {
     fn drop(&mut self) {
-        self.0.counters.threads.fetch_sub(1, Relaxed);
+        self.0.thread_stopped();
     }
 }
 
