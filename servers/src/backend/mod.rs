@@ -19,6 +19,7 @@ mod driver;
 pub mod epoll;
 pub mod poll;
 pub mod pool;
+pub mod tokio_rt;
 
 /// Every backend; the one place that lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,12 +32,14 @@ pub enum BackendKind {
     Poll,
     /// One thread, edge-triggered epoll through mio.
     Epoll,
+    /// A tokio runtime, a task per connection.
+    Tokio,
 }
 
 impl BackendKind {
     /// Every backend that exists, in presentation order.
-    pub const ALL: [BackendKind; 4] =
-        [BackendKind::Blocking, BackendKind::Pool, BackendKind::Poll, BackendKind::Epoll];
+    pub const ALL: [BackendKind; 5] =
+        [BackendKind::Blocking, BackendKind::Pool, BackendKind::Poll, BackendKind::Epoll, BackendKind::Tokio];
 
     /// The name used on the command line, in stats and in Python.
     pub fn name(self) -> &'static str {
@@ -45,6 +48,7 @@ impl BackendKind {
             BackendKind::Pool => "pool",
             BackendKind::Poll => "poll",
             BackendKind::Epoll => "epoll",
+            BackendKind::Tokio => "tokio",
         }
     }
 }
@@ -148,6 +152,7 @@ pub fn start(kind: BackendKind, config: Config) -> Result<Box<dyn Server>, Error
         BackendKind::Pool => Box::new(pool::PoolServer::start(config, listener, registry)?),
         BackendKind::Poll => Box::new(poll::PollServer::start(config, listener, registry)?),
         BackendKind::Epoll => Box::new(epoll::EpollServer::start(config, listener, registry)?),
+        BackendKind::Tokio => Box::new(tokio_rt::TokioServer::start(config, listener, registry)?),
     };
     Ok(server)
 }
