@@ -422,3 +422,24 @@ fn read(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
         res => res,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::{start, BackendKind, Config};
+
+    /// `block_on` and dropping a runtime panic inside an async context: a
+    /// server stopped or dropped there must take itself down all the same.
+    #[test]
+    fn stop_and_drop_inside_an_async_context() {
+        let outer = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        outer.block_on(async {
+            let server = start(BackendKind::Tokio, Config { workers: 1, ..Config::default() }).unwrap();
+            let report = server.stop(Duration::ZERO);
+            assert_eq!((report.drained, report.forced), (0, 0));
+            assert_eq!(server.stats().threads, 0);
+            drop(start(BackendKind::Tokio, Config { workers: 1, ..Config::default() }).unwrap());
+        });
+    }
+}
