@@ -1,0 +1,12 @@
+"""The scenarios of the lifecycle matrix, one module per category; importing registers them."""
+
+from connlab.matrix.scenarios import (  # noqa: F401 - imported for their registrations
+    churn,
+    errors,
+    halfclose,
+    happy,
+    leak,
+    phantom,
+    shutdown,
+    timeouts,
+)

@@ -1,0 +1,1 @@
+"""Scenarios of the churn category (see docs/MATRIX.md)."""

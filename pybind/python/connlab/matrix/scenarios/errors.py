@@ -1,0 +1,1 @@
+"""Scenarios of the errors category (see docs/MATRIX.md)."""

@@ -1,0 +1,1 @@
+"""Scenarios of the halfclose category (see docs/MATRIX.md)."""

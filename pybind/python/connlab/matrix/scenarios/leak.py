@@ -1,0 +1,1 @@
+"""Scenarios of the leak category (see docs/MATRIX.md)."""

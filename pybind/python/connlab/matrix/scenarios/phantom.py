@@ -1,0 +1,1 @@
+"""Scenarios of the phantom category (see docs/MATRIX.md)."""

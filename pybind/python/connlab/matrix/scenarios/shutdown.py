@@ -1,0 +1,1 @@
+"""Scenarios of the shutdown category (see docs/MATRIX.md)."""

@@ -1,0 +1,1 @@
+"""Scenarios of the timeouts category (see docs/MATRIX.md)."""
