@@ -11,6 +11,8 @@ import pytest
 import connlab
 
 # MATRIX.md: short timeouts keep the matrix fast; T is each of them.
+pytest_plugins = ["pytester"]
+
 T = 0.5
 SHORT = {"idle_timeout": T, "read_timeout": T, "write_timeout": T}
 

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from connlab._native import BACKENDS, Server
+from connlab.matrix.cli import add_matrix_parser, run_matrix
 
 
 def _non_negative(kind: type[int] | type[float]):
@@ -124,6 +125,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_matrix(args: argparse.Namespace) -> int:
+    return run_matrix(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="connlab",
@@ -150,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_server_options(serve)
     serve.set_defaults(func=cmd_serve)
+    add_matrix_parser(sub, cmd_matrix)
     return parser
 
 

@@ -10,7 +10,9 @@ from connlab.client import wait_until
 from connlab.matrix.core import Context, Handle, check
 
 
-def journal(ctx: Context, handle: Handle, peer: tuple[Any, ...]) -> list[tuple[str | None, str, str | None]] | None:
+def journal(
+    ctx: Context, handle: Handle, peer: tuple[Any, ...]
+) -> list[tuple[str | None, str, str | None]] | None:
     """(from, to, reason) of the latest connection from `peer`, or None (noted) without a journal."""
     entries = handle.transitions(peer)
     if entries is None:
@@ -40,8 +42,10 @@ def expect_reason(ctx: Context, handle: Handle, peer: tuple[Any, ...], *allowed:
         check(reason in allowed, f"close reason {reason!r}, expected {' or '.join(allowed)}")
 
 
-def stats_delta(before: dict[str, Any] | None, after: dict[str, Any] | None, key: str, sub: str | None = None) -> int:
-    """after[key] − before[key] (or of after[key][sub])."""
+def stats_delta(
+    before: dict[str, Any] | None, after: dict[str, Any] | None, key: str, sub: str | None = None
+) -> int:
+    """after[key] - before[key] (or of after[key][sub])."""
     assert before is not None and after is not None
     if sub is None:
         return int(after[key]) - int(before[key])
@@ -64,8 +68,10 @@ def timed_eof(sock: socket.socket, started: float, limit: float) -> float:
 
 def within_timeout_window(ctx: Context, elapsed: float, timeout: float, what: str) -> None:
     """MATRIX.md: a timed close happens at t in [T, 2T + 0.25 s]."""
-    check(timeout <= elapsed <= 2 * timeout + 0.25, f"{what}: closed after {elapsed:.3f} s, "
-          f"expected within [{timeout}, {2 * timeout + 0.25:.2f}] s")  # fmt: skip
+    check(
+        timeout <= elapsed <= 2 * timeout + 0.25,
+        f"{what}: closed after {elapsed:.3f} s, expected within [{timeout}, {2 * timeout + 0.25:.2f}] s",
+    )
 
 
 def quiescent(ctx: Context, handle: Handle, n: int = 0) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from connlab import probe
+from connlab._native import Server
 from connlab.client import connect, wait_until
 
 IN_PROCESS = "in-process"
@@ -26,7 +27,7 @@ EXTERNAL_PID = "external+pid"
 ALL_KINDS = frozenset({IN_PROCESS, COMMAND, EXTERNAL, EXTERNAL_PID})
 
 
-class Skip(Exception):  # noqa: N818 - it is an outcome, not an error
+class Skip(Exception):
     """The scenario does not apply to this target; the message says why."""
 
 
@@ -107,8 +108,6 @@ class InProcessHandle(Handle):
     """A `connlab.Server` in this process."""
 
     def __init__(self, backend: str, kwargs: dict[str, Any]) -> None:
-        from connlab._native import Server
-
         self.server = Server(backend, **kwargs)
         self.address = self.server.address
         self.pid = os.getpid()
@@ -234,7 +233,12 @@ class Target:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"target: expected HOST:PORT, got {address!r}")
-        return cls(name=address, kind=EXTERNAL_PID if pid else EXTERNAL, address=(host.strip("[]"), int(port)), pid=pid)
+        return cls(
+            name=address,
+            kind=EXTERNAL_PID if pid else EXTERNAL,
+            address=(host.strip("[]"), int(port)),
+            pid=pid,
+        )
 
     @property
     def has_stats(self) -> bool:
@@ -258,8 +262,17 @@ class Target:
     def argv(self, kwargs: dict[str, Any]) -> list[str]:
         """The command that serves this target in a child process, if it has one."""
         if self.kind == IN_PROCESS:
-            return [sys.executable, "-m", "connlab", "serve", "--backend", str(self.backend), "--port", "0",
-                    *serve_args(kwargs)]  # fmt: skip
+            return [
+                sys.executable,
+                "-m",
+                "connlab",
+                "serve",
+                "--backend",
+                str(self.backend),
+                "--port",
+                "0",
+                *serve_args(kwargs),
+            ]
         if self.kind == COMMAND:
             assert self.command is not None
             return shlex.split(self.command)
@@ -359,10 +372,15 @@ class Context:
         """Waits until the server holds `n` connections: by its stats, or, without them, by the
         kernel's count of established server-side sockets on its port."""
         if handle.stats() is not None:
-            return wait_until(lambda: (s := handle.stats()) and s["active"] == n and s, timeout, what=f"active == {n}")
+            return wait_until(
+                lambda: (s := handle.stats()) and s["active"] == n and s, timeout, what=f"active == {n}"
+            )
         port = handle.address[1]
-        wait_until(lambda: probe.port_view(port, pid=handle.pid).established == n, timeout,
-                   what=f"{n} established server-side sockets")  # fmt: skip
+        wait_until(
+            lambda: probe.port_view(port, pid=handle.pid).established == n,
+            timeout,
+            what=f"{n} established server-side sockets",
+        )
         return None
 
     def finish(self) -> list[str]:
@@ -411,8 +429,9 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(id: str, category: str, description: str, kinds: frozenset[str] = ALL_KINDS,
-             timeout: float = 60.0) -> Callable[[ScenarioFn], ScenarioFn]:  # fmt: skip
+def scenario(
+    id: str, category: str, description: str, kinds: frozenset[str] = ALL_KINDS, timeout: float = 60.0
+) -> Callable[[ScenarioFn], ScenarioFn]:
     """Registers a scenario function under its MATRIX.md id."""
 
     def register(fn: ScenarioFn) -> ScenarioFn:
@@ -435,8 +454,13 @@ class Result:
     detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"scenario": self.scenario, "target": self.target, "status": self.status,
-                "seconds": round(self.seconds, 3), "detail": self.detail}  # fmt: skip
+        return {
+            "scenario": self.scenario,
+            "target": self.target,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "detail": self.detail,
+        }
 
 
 def run_one(sc: Scenario, target: Target, options: Options) -> Result:
@@ -453,12 +477,12 @@ def run_one(sc: Scenario, target: Target, options: Options) -> Result:
         status, detail = "skip", str(skip)
     except (Failed, AssertionError, TimeoutError) as failure:
         status, detail = "fail", f"{type(failure).__name__}: {failure}"
-    except Exception as error:  # noqa: BLE001 - a scenario's crash is its failure, reported
+    except Exception as error:
         status, detail = "fail", f"{type(error).__name__}: {error}"
     finally:
         try:
             leaks = ctx.finish()
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             leaks = [f"cleanup failed: {type(error).__name__}: {error}"]
     if leaks and status != "skip":
         status = "fail"
@@ -483,7 +507,10 @@ def order_key(scenario_id: str) -> tuple[int, int]:
     """MATRIX.md order: happy, error, half-close, churn, leak, timeout, phantom/capacity, shutdown."""
     prefixes = "HECULTPS"
     head, number = scenario_id[0], scenario_id[1:]
-    return (prefixes.index(head) if head in prefixes else len(prefixes), int(number) if number.isdigit() else 0)
+    return (
+        prefixes.index(head) if head in prefixes else len(prefixes),
+        int(number) if number.isdigit() else 0,
+    )
 
 
 def with_options(options: Options, **changes: Any) -> Options:

@@ -46,8 +46,10 @@ def h2(ctx: Context) -> None:
         if end == len(frame) or server.connections() is None:
             continue
         # The pause: until the server has read everything sent so far.
-        conn = wait_until(lambda end=end: [c for c in server.connections() or [] if c["bytes_in"] == end],
-                          what=f"server read {end} bytes")[0]  # fmt: skip
+        conn = wait_until(
+            lambda end=end: [c for c in server.connections() or [] if c["bytes_in"] == end],
+            what=f"server read {end} bytes",
+        )[0]
         if conn["state"] == "ReadingBody":
             seen.add(conn["bytes_in"])
     check(read_frame(client) == payload, "echo not byte-identical")

@@ -1,0 +1,166 @@
+"""`connlab matrix`: run the lifecycle matrix over backends or someone else's server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from connlab._native import BACKENDS
+from connlab.matrix import report
+from connlab.matrix.core import Options, Result, Target, run_one, select
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> None:
+    p = sub.add_parser(
+        "matrix",
+        help="run the lifecycle matrix over backends, or against your own server",
+        description=(
+            "Run every lifecycle scenario (docs/MATRIX.md) against the in-process backends, a server "
+            "command the matrix launches for each scenario (--serve-cmd), or a running server "
+            "(--target, with --pid for fd/thread checks). Prints a live progress line, then a grid of "
+            "scenario x target (pass / FAIL / skip, with seconds); exits 1 if any scenario failed, "
+            "2 on bad usage."
+        ),
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--backends",
+        default="all",
+        metavar="all|a,b",
+        help=f"in-process backends to run (default: all = {','.join(BACKENDS)})",
+    )
+    where.add_argument("--target", metavar="HOST:PORT", help="a running server to test (it is never stopped)")
+    where.add_argument(
+        "--serve-cmd",
+        metavar="CMD",
+        help="a command that starts a server and prints a line containing its host:port; "
+        "SIGTERM must ask it to stop. Launched afresh for each scenario",
+    )
+    p.add_argument("--pid", type=_positive_int, help="with --target: the server's pid, for fd/thread checks")
+    p.add_argument("--name", help="the target's column name in the grid (default: the target or 'command')")
+    p.add_argument("--only", metavar="IDS", help="comma-separated scenario ids to run (default: all)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every result as JSON")
+    p.add_argument("--junit", type=Path, metavar="FILE", help="write JUnit XML (one suite per target)")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="FILE",
+        help="a JSON file from an earlier --json: report unexpected failures and unexpected passes",
+    )
+    g = p.add_argument_group("what the scenarios assume of the server (applied to servers the matrix starts)")
+    g.add_argument("--idle-timeout", type=_positive_float, default=0.5, metavar="S", help="(default: 0.5)")
+    g.add_argument("--read-timeout", type=_positive_float, default=0.5, metavar="S", help="(default: 0.5)")
+    g.add_argument("--write-timeout", type=_positive_float, default=0.5, metavar="S", help="(default: 0.5)")
+    g.add_argument(
+        "--max-frame", type=_positive_int, default=1 << 20, metavar="BYTES", help="(default: 1048576)"
+    )
+    g.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="the server's connection limit, if it has one (P2 needs it for external servers)",
+    )
+    p.set_defaults(func=func)
+
+
+def _targets(args: argparse.Namespace) -> list[Target]:
+    if args.pid and not args.target:
+        raise ValueError("--pid: only with --target")
+    if args.target:
+        target = Target.external(args.target, args.pid)
+        return [Target(**{**target.__dict__, "name": args.name or target.name})]
+    if args.serve_cmd:
+        return [Target.from_command(args.serve_cmd, name=args.name)]
+    names = (
+        list(BACKENDS)
+        if args.backends == "all"
+        else [b.strip() for b in args.backends.split(",") if b.strip()]
+    )
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise ValueError(f"--backends: unknown {unknown or names}; available: {', '.join(BACKENDS)}")
+    return [Target.in_process(n) for n in names]
+
+
+def run_matrix(args: argparse.Namespace) -> int:
+    console = Console(soft_wrap=True)
+    try:
+        targets = _targets(args)
+        scenarios = select([i.strip() for i in args.only.split(",")] if args.only else None)
+        baseline = report.load_baseline(args.baseline) if args.baseline else None
+    except ValueError as err:
+        print(f"connlab matrix: {err}", file=sys.stderr)
+        return 2
+    options = Options(
+        idle_timeout=args.idle_timeout,
+        read_timeout=args.read_timeout,
+        write_timeout=args.write_timeout,
+        max_frame=args.max_frame,
+        max_connections=args.max_connections,
+    )
+    results: list[Result] = []
+    started = time.monotonic()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("matrix", total=len(scenarios) * len(targets))
+        for sc in scenarios:
+            for target in targets:
+                failed = sum(r.status == "fail" for r in results)
+                progress.update(task, description=f"{sc.id} on {target.name}  ({failed} failed so far)")
+                result = run_one(sc, target, options)
+                results.append(result)
+                if result.status == "fail":
+                    progress.console.print(
+                        f"[bold red]FAIL[/] {result.scenario} on {result.target}: {result.detail}",
+                        highlight=False,
+                    )
+                progress.advance(task)
+    wall = time.monotonic() - started
+    console.print(report.grid(results, [t.name for t in targets]))
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
+    console.print(
+        f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped in {wall:.1f} s"
+    )
+    for r in results:
+        if r.status == "skip":
+            console.print(f"  skip {r.scenario} on {r.target}: {r.detail}", style="yellow", highlight=False)
+    if args.json:
+        report.write_json(args.json, results, wall)
+    if args.junit:
+        report.write_junit(args.junit, results, wall)
+    status = 1 if counts["fail"] else 0
+    if baseline is not None:
+        worse, better = report.compare(results, baseline)
+        for line in worse:
+            console.print(f"unexpected failure: {line}", style="bold red", highlight=False)
+        for line in better:
+            console.print(f"unexpected pass: {line}", style="green", highlight=False)
+        if not worse and not better:
+            console.print("matches the baseline")
+        # Against a baseline, only a change is news: known failures do not fail the run.
+        status = 1 if worse else 0
+    return status

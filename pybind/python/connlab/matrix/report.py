@@ -1,0 +1,111 @@
+"""Matrix results out: the grid, JSON, JUnit XML, and the comparison with a stored baseline."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from connlab.matrix.core import SCENARIOS, Result, order_key
+
+STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
+LABEL = {"pass": "pass", "fail": "FAIL", "skip": "skip"}
+
+
+def grid(results: list[Result], targets: list[str]) -> Table:
+    """Scenario rows x target columns: pass / FAIL / skip with seconds."""
+    table = Table(title="connlab lifecycle matrix", show_lines=False)
+    table.add_column("scenario", style="bold")
+    table.add_column("category")
+    for target in targets:
+        table.add_column(target, justify="center")
+    cells = {(r.scenario, r.target): r for r in results}
+    for sid in sorted({r.scenario for r in results}, key=order_key):
+        row = [sid, SCENARIOS[sid].category if sid in SCENARIOS else ""]
+        for target in targets:
+            r = cells.get((sid, target))
+            row.append(f"[{STYLE[r.status]}]{LABEL[r.status]}[/] {r.seconds:.1f}s" if r else "-")
+        table.add_row(*row)
+    return table
+
+
+def failures(results: Iterable[Result]) -> list[Result]:
+    return [r for r in results if r.status == "fail"]
+
+
+def to_json(results: list[Result], wall_s: float) -> dict[str, Any]:
+    return {
+        "results": [r.to_json() for r in results],
+        "summary": {s: sum(1 for r in results if r.status == s) for s in ("pass", "fail", "skip")},
+        "wall_s": round(wall_s, 3),
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_json(path: Path, results: list[Result], wall_s: float) -> None:
+    path.write_text(json.dumps(to_json(results, wall_s), indent=2) + "\n")
+
+
+def write_junit(path: Path, results: list[Result], wall_s: float) -> None:
+    """One testsuite per target, one testcase per scenario."""
+    root = ET.Element("testsuites", name="connlab matrix", time=f"{wall_s:.3f}")
+    for target in dict.fromkeys(r.target for r in results):
+        mine = [r for r in results if r.target == target]
+        suite = ET.SubElement(
+            root,
+            "testsuite",
+            name=target,
+            tests=str(len(mine)),
+            failures=str(sum(r.status == "fail" for r in mine)),
+            skipped=str(sum(r.status == "skip" for r in mine)),
+            time=f"{sum(r.seconds for r in mine):.3f}",
+        )
+        for r in mine:
+            sc = SCENARIOS.get(r.scenario)
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"connlab.matrix.{target}",
+                name=r.scenario,
+                time=f"{r.seconds:.3f}",
+            )
+            if sc:
+                ET.SubElement(case, "properties").append(
+                    ET.Element("property", name="description", value=sc.description)
+                )
+            if r.status == "fail":
+                ET.SubElement(case, "failure", message=r.detail[:200]).text = r.detail
+            elif r.status == "skip":
+                ET.SubElement(case, "skipped", message=r.detail)
+    ET.indent(root)
+    ET.ElementTree(root).write(path, encoding="unicode", xml_declaration=True)
+
+
+def load_baseline(path: Path) -> dict[tuple[str, str], str]:
+    """(scenario, target) → status from a JSON file written by --json."""
+    try:
+        data = json.loads(path.read_text())
+        return {(r["scenario"], r["target"]): r["status"] for r in data["results"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--baseline {path}: not a matrix JSON file ({err})") from None
+
+
+def compare(results: list[Result], baseline: dict[tuple[str, str], str]) -> tuple[list[str], list[str]]:
+    """Unexpected failures (the baseline passed or skipped) and unexpected passes (it failed)."""
+    worse, better = [], []
+    for r in results:
+        before = baseline.get((r.scenario, r.target))
+        if before is None:
+            continue
+        if r.status == "fail" and before != "fail":
+            worse.append(f"{r.scenario} on {r.target}: {before} -> FAIL ({r.detail})")
+        elif r.status == "pass" and before == "fail":
+            better.append(f"{r.scenario} on {r.target}: FAIL -> pass")
+    return worse, better

@@ -1,0 +1,119 @@
+"""The matrix as a tool: it catches broken servers, runs against external ones, compares with a
+baseline, and writes JSON and JUnit."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+BROKEN = Path(__file__).with_name("broken_servers.py")
+CONNLAB = [sys.executable, "-m", "connlab"]
+
+
+def matrix(*args: str, timeout: float = 240) -> tuple[int, str]:
+    run = subprocess.run(
+        [*CONNLAB, "matrix", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return run.returncode, run.stdout + run.stderr
+
+
+def statuses(path: Path) -> dict[str, str]:
+    return {r["scenario"]: r["status"] for r in json.loads(path.read_text())["results"]}
+
+
+@pytest.mark.parametrize(
+    ("mode", "fails", "passes"),
+    [
+        ("echo", [], ["H1", "C1", "T1"]),
+        ("leak-fd", ["H1", "H3"], []),
+        ("no-half-close", ["C1"], ["H1"]),
+        ("no-idle-timeout", ["T1"], ["H1", "C1"]),
+    ],
+)
+def test_broken_servers_fail_the_matching_scenarios(
+    tmp_path: Path, mode: str, fails: list, passes: list
+) -> None:
+    out = tmp_path / "m.json"
+    cmd = shlex.join([sys.executable, str(BROKEN), mode])
+    code, text = matrix(
+        "--serve-cmd", cmd, "--name", mode, "--only", ",".join(fails + passes), "--json", str(out)
+    )
+    got = statuses(out)
+    assert all(got[s] == "fail" for s in fails), (got, text)
+    assert all(got[s] == "pass" for s in passes), (got, text)
+    assert code == (1 if fails else 0), text
+
+
+def test_leak_is_named_in_the_detail(tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    matrix(
+        "--serve-cmd",
+        shlex.join([sys.executable, str(BROKEN), "leak-fd"]),
+        "--only",
+        "H1",
+        "--json",
+        str(out),
+    )
+    (result,) = json.loads(out.read_text())["results"]
+    assert "leak" in result["detail"] and "fds" in result["detail"], result
+
+
+def test_baseline_reports_unexpected_failures_and_passes(tmp_path: Path) -> None:
+    baseline = tmp_path / "baseline.json"
+    rows = [
+        {"scenario": "H1", "target": "command", "status": "fail", "seconds": 0, "detail": ""},
+        {"scenario": "T1", "target": "command", "status": "pass", "seconds": 0, "detail": ""},
+    ]
+    baseline.write_text(json.dumps({"results": rows}))
+    cmd = shlex.join([sys.executable, str(BROKEN), "no-idle-timeout"])
+    code, text = matrix("--serve-cmd", cmd, "--only", "H1,T1", "--baseline", str(baseline))
+    assert "unexpected pass: H1 on command: FAIL -> pass" in text, text
+    assert "unexpected failure: T1 on command: pass -> FAIL" in text, text
+    assert code == 1
+    rows[1]["status"] = "fail"
+    baseline.write_text(json.dumps({"results": rows}))
+    code, text = matrix("--serve-cmd", cmd, "--only", "T1", "--baseline", str(baseline))
+    assert code == 0 and "matches the baseline" in text, text
+
+
+def test_junit_and_bad_usage(tmp_path: Path) -> None:
+    junit = tmp_path / "m.xml"
+    code, text = matrix("--backends", "epoll", "--only", "H1,H3", "--junit", str(junit))
+    assert code == 0, text
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None and suite.get("name") == "epoll" and suite.get("tests") == "2"
+    for args, message in [
+        (["--backends", "nosuch"], "--backends: unknown"),
+        (["--only", "Z9"], "unknown scenario ids"),
+        (["--pid", "1"], "--pid: only with --target"),
+        (["--target", "nohost"], "expected HOST:PORT"),
+        (["--baseline", str(junit)], "not a matrix JSON file"),
+    ]:
+        code, text = matrix(*args)
+        assert code == 2 and message in text, (args, text)
+
+
+def test_help_explains_every_option() -> None:
+    code, text = matrix("--help")
+    assert code == 0
+    for option in (
+        "--backends",
+        "--target",
+        "--pid",
+        "--serve-cmd",
+        "--only",
+        "--json",
+        "--junit",
+        "--baseline",
+        "--idle-timeout",
+        "--read-timeout",
+        "--write-timeout",
+        "--max-frame",
+    ):
+        assert option in text
