@@ -48,7 +48,8 @@ pub(crate) fn setup_error(context: &str) -> impl FnOnce(io::Error) -> Error {
 }
 
 /// Runs `work(i)` for `i` in `0..n`: 0 on the calling thread, the others on
-/// threads named `connlab-load-<i>`, all joined before it returns. The first
+/// threads named `loadgen-<i>` (not `connlab-`: that prefix is the
+/// servers', whose CPU probes sum), all joined before it returns. The first
 /// error wins; a panic in a thread is resumed here.
 pub(crate) fn on_threads<T: Send>(
     n: usize,
@@ -59,10 +60,7 @@ pub(crate) fn on_threads<T: Send>(
         let mut handles = Vec::with_capacity(n.saturating_sub(1));
         let mut spawn_error = None;
         for i in 1..n {
-            match thread::Builder::new()
-                .name(format!("connlab-load-{i}"))
-                .spawn_scoped(scope, move || work(i))
-            {
+            match thread::Builder::new().name(format!("loadgen-{i}")).spawn_scoped(scope, move || work(i)) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     spawn_error = Some(setup_error("spawning a generator thread")(e));

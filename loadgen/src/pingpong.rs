@@ -36,7 +36,7 @@ pub(crate) fn run(size: usize, duration: Duration, warmup: Duration) -> Result<R
     }
     let (rec, elapsed) = std::thread::scope(|scope| {
         let echo = std::thread::Builder::new()
-            .name("connlab-load-echo".into())
+            .name("loadgen-echo".into())
             .spawn_scoped(scope, move || echo(server))
             .map_err(setup_error("spawning the echo thread"))?;
         // The client's socket closes when `ping` returns, which ends the echo thread.

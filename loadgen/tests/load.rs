@@ -61,20 +61,21 @@ fn closed_loop_spreads_connections_over_threads() {
     let _serial = serial();
     let server = server(BackendKind::Epoll);
     let run = ClosedLoop {
-        connections: 200,
+        connections: 600,
         size: 1000,
         duration: ms(300),
         warmup: ms(200),
         ..ClosedLoop::new(server.local_addr())
     };
     let r = run.run().unwrap();
-    assert_eq!(r.threads, 2, "the default for 200 connections");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(r.threads, cores.min(2), "the default for 600 connections");
     assert_eq!(r.errors.total(), 0, "{r:?}");
-    assert!(r.frames > 200, "{r:?}");
+    assert!(r.frames > 600, "{r:?}");
     assert_sane(&r);
-    let s = wait_closed(&*server, 200);
-    assert_eq!(s.closed_by[CloseReason::Eof as usize], 200);
-    assert_eq!(s.peak_active, 200);
+    let s = wait_closed(&*server, 600);
+    assert_eq!(s.closed_by[CloseReason::Eof as usize], 600);
+    assert_eq!(s.peak_active, 600);
 }
 
 #[test]
