@@ -1,4 +1,4 @@
-//! What a run measures: error kinds, the per-thread [`Recorder`], and the
+//! What a run measures: error kinds, the per-thread `Recorder`, and the
 //! merged [`Report`] with rates, latency percentiles and the HDR histogram.
 
 use std::fmt;

@@ -24,7 +24,7 @@
 //!
 //! A failed connection (any [`ErrorKind`]) counts one error and is closed;
 //! its unanswered frames sent in the window count as `lost`. It is reopened
-//! after [`REOPEN_DELAY`] (in the drain only if an open loop's backlog still
+//! after `REOPEN_DELAY` (10 ms; in the drain only if an open loop's backlog still
 //! holds frames for it); an open loop's backlog survives the reconnect.
 
 use std::collections::VecDeque;
