@@ -1,8 +1,10 @@
-//! PyO3 module `connlab._native`: the connlab servers for Python.
+//! PyO3 module `connlab._native`: the connlab servers and the load generator
+//! for Python.
 //!
 //! Thin on purpose: argument conversion and validation, one error conversion
-//! ([`NativeError`]), and dict/tuple views of the registry. Every call that
-//! can block (start, stop, snapshots that take a lock) releases the GIL.
+//! ([`NativeError`]), and dict/tuple views of the registry and of load
+//! reports (`load`). Every call that can block (start, stop, snapshots that
+//! take a lock, load runs) releases the GIL.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -12,11 +14,13 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
+mod load;
+
 /// The one conversion from the servers' error to a Python exception:
 /// `ValueError` for bad arguments, `OSError` (with errno) for syscalls; the
 /// message starts with the argument's name.
 #[derive(Debug)]
-struct NativeError(Error);
+pub(crate) struct NativeError(pub(crate) Error);
 
 impl From<NativeError> for PyErr {
     fn from(err: NativeError) -> PyErr {
@@ -37,7 +41,7 @@ impl From<Error> for NativeError {
 }
 
 /// A value that must be a non-negative integer fitting `T`, named `field`.
-fn count<T: TryFrom<i64>>(field: &'static str, value: i64) -> Result<T, NativeError> {
+pub(crate) fn count<T: TryFrom<i64>>(field: &'static str, value: i64) -> Result<T, NativeError> {
     T::try_from(value).map_err(|_| NativeError(Error::invalid(field, format!("out of range: {value}"))))
 }
 
@@ -49,8 +53,18 @@ fn timeout(field: &'static str, secs: Option<f64>) -> Result<Option<Duration>, N
     })
 }
 
+/// An IP address, or `localhost` (127.0.0.1), named `field` when it is neither.
+pub(crate) fn ip(field: &'static str, host: &str) -> Result<IpAddr, NativeError> {
+    match host {
+        "localhost" => Ok(IpAddr::from([127, 0, 0, 1])),
+        other => other
+            .parse()
+            .map_err(|_| NativeError(Error::invalid(field, format!("not an IP address: {other:?}")))),
+    }
+}
+
 /// A `(host, port)` Python tuple; IPv6 addresses keep their flow info out.
-fn addr_tuple<'py>(py: Python<'py>, addr: SocketAddr) -> PyResult<Bound<'py, PyTuple>> {
+pub(crate) fn addr_tuple<'py>(py: Python<'py>, addr: SocketAddr) -> PyResult<Bound<'py, PyTuple>> {
     (addr.ip().to_string(), addr.port()).into_pyobject(py)
 }
 
@@ -90,12 +104,7 @@ impl PyServer {
         thread_stack: i64,
     ) -> PyResult<Self> {
         let kind: BackendKind = backend.parse().map_err(NativeError)?;
-        let host = match host {
-            "localhost" => IpAddr::from([127, 0, 0, 1]),
-            other => other
-                .parse()
-                .map_err(|_| NativeError(Error::invalid("host", format!("not an IP address: {other:?}"))))?,
-        };
+        let host = ip("host", host)?;
         let defaults = Config::default();
         let config = Config {
             host,
@@ -258,11 +267,13 @@ impl Drop for PyServer {
     }
 }
 
-/// The native module: `Server`, and the names of backends, states and reasons.
+/// The native module: `Server`, the names of backends, states and reasons,
+/// and the load generator's `load_*` functions.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PyServer>()?;
+    load::register(m)?;
     m.add("BACKENDS", PyTuple::new(py, BackendKind::ALL.map(BackendKind::name))?)?;
     m.add("STATES", PyTuple::new(py, State::ALL.map(State::name))?)?;
     m.add("CLOSE_REASONS", PyTuple::new(py, CloseReason::ALL.map(CloseReason::name))?)?;

@@ -1,7 +1,7 @@
-"""Typed stubs of the native module (PyO3): the servers themselves."""
+"""Typed stubs of the native module (PyO3): the servers themselves and the load generator."""
 
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypedDict
 
 BACKENDS: tuple[str, ...]
 STATES: tuple[str, ...]
@@ -44,3 +44,73 @@ class Server:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool: ...
+
+# The load generator (public as connlab.load, which documents each run).
+
+LOAD_ERROR_KINDS: tuple[str, ...]  # ("connect", "reset", "eof", "corrupt", "timeout", "io")
+
+LoadLatency = TypedDict(
+    "LoadLatency",
+    {
+        "count": int,  # samples counted
+        "min": float,  # microseconds, as every key below
+        "mean": float,
+        "p50": float,
+        "p90": float,
+        "p99": float,
+        "p99.9": float,
+        "max": float,
+    },
+)
+
+class LoadResult(TypedDict):
+    """What every load_* function returns."""
+
+    mode: str  # "closed_loop", "open_loop", "churn" or "pingpong"
+    connections: int  # kept open (churn: open at once; pingpong: 1)
+    threads: int  # generator threads (pingpong: 2)
+    size: int  # payload bytes per frame
+    rate: float | None  # the open loop's target frames/s
+    frames: int  # answered, verified and counted (churn: connections completed)
+    bytes: int  # of the counted frames, headers included, one way
+    elapsed_s: float  # the measured window
+    frames_per_s: float
+    mb_per_s: float  # 10**6 bytes/s, one way
+    connects: int  # connections established in the window (churn: completed)
+    conns_per_s: float
+    lost: int  # frames of the window never answered (connection failed or run ended)
+    errors: dict[str, int]  # a count per LOAD_ERROR_KINDS entry
+    latency_us: LoadLatency
+    histogram: bytes  # HdrHistogram V2 deflate encoding, values in nanoseconds
+
+def load_closed_loop(
+    address: tuple[str, int],
+    connections: int = 10,
+    size: int = 64,
+    pipeline: int = 1,
+    duration: float = 5.0,
+    warmup: float = 1.0,
+    threads: int | None = None,
+    timeout: float = 2.0,
+) -> LoadResult: ...
+def load_open_loop(
+    address: tuple[str, int],
+    rate: float,
+    connections: int = 10,
+    size: int = 64,
+    duration: float = 5.0,
+    warmup: float = 1.0,
+    threads: int | None = None,
+    timeout: float = 2.0,
+) -> LoadResult: ...
+def load_churn(
+    address: tuple[str, int],
+    cycles: int,
+    parallel: int,
+    size: int = 64,
+    rst: bool = False,
+    threads: int | None = None,
+    timeout: float = 2.0,
+    deadline: float = 60.0,
+) -> LoadResult: ...
+def load_pingpong(size: int = 64, duration: float = 1.0, warmup: float = 0.1) -> LoadResult: ...

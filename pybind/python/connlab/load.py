@@ -1,0 +1,193 @@
+"""The Rust load generator: closed- and open-loop echo load, churn, and the loopback ping-pong baseline.
+
+Every run multiplexes its connections on one or two native threads (edge-triggered epoll), checks
+every echo byte for byte, releases the GIL, and ends by itself: at the latest ``warmup + duration +
+timeout`` after it starts (churn: ``deadline``). Network failures are counted in ``errors``, never
+raised; bad arguments raise ``ValueError`` naming the argument.
+
+A run has a warm-up (connections open, frames flow, nothing is counted but errors), a measured window
+of ``duration`` seconds, and a drain (no new frame; owed answers are awaited, so connections close
+with an orderly FIN rather than a reset). A connection that fails counts one error of its kind and is
+reopened 10 ms later; a ``corrupt`` answer (wrong length or byte) fails its connection the same way.
+
+Latencies are in microseconds; ``histogram`` is the HdrHistogram of the counted latencies in
+nanoseconds, in the compressed V2 encoding every HdrHistogram port decodes (``histogram_base64``
+gives the ``HISTF...`` text form of histogram logs and plotters).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Protocol, TypedDict, cast
+
+from connlab import _native
+
+__all__ = [
+    "ERROR_KINDS",
+    "Latency",
+    "Result",
+    "Target",
+    "churn",
+    "closed_loop",
+    "histogram_base64",
+    "open_loop",
+    "pingpong",
+]
+
+#: Why a connection failed: ``connect`` (refused, unreachable, no local port), ``reset`` (ECONNRESET,
+#: EPIPE), ``eof`` (the server closed while answers were owed), ``corrupt`` (an answer differed from
+#: its frame), ``timeout`` (a connect or an owed answer made no progress for ``timeout`` seconds, or
+#: was still pending at the run's end), ``io`` (any other socket error).
+ERROR_KINDS: tuple[str, ...] = _native.LOAD_ERROR_KINDS
+
+#: Latency percentiles in microseconds (all 0.0 when nothing was counted).
+Latency = TypedDict(
+    "Latency",
+    {
+        "count": int,
+        "min": float,
+        "mean": float,
+        "p50": float,
+        "p90": float,
+        "p99": float,
+        "p99.9": float,
+        "max": float,
+    },
+)
+
+
+class Result(TypedDict):
+    """What every run returns."""
+
+    #: ``closed_loop``, ``open_loop``, ``churn`` or ``pingpong``.
+    mode: str
+    #: Connections kept open (churn: open at once; pingpong: 1).
+    connections: int
+    #: Generator threads (pingpong: 2, the client and the echo thread).
+    threads: int
+    #: Payload bytes per frame.
+    size: int
+    #: The open loop's target rate in frames/s; None otherwise.
+    rate: float | None
+    #: Frames answered, verified and counted (churn: connections completed).
+    frames: int
+    #: Bytes of the counted frames, 4-byte headers included, one way.
+    bytes: int
+    #: The measured window in seconds (open loop: until the last answer of a frame due in it;
+    #: churn: the whole run).
+    elapsed_s: float
+    frames_per_s: float
+    #: Millions of bytes per second, one way.
+    mb_per_s: float
+    #: Connections established inside the window (churn: completed).
+    connects: int
+    conns_per_s: float
+    #: Frames of the window whose latency is unknown: their connection failed, or the run ended,
+    #: before the answer came.
+    lost: int
+    #: A count for every kind in ``ERROR_KINDS``.
+    errors: dict[str, int]
+    latency_us: Latency
+    #: HdrHistogram V2 (deflate) encoding of the counted latencies, in nanoseconds.
+    histogram: bytes
+
+
+class _HasAddress(Protocol):
+    @property
+    def address(self) -> tuple[str, int]: ...
+
+
+#: A server to load: a ``(host, port)`` tuple, or anything with an ``address`` (a ``connlab.Server``).
+Target = tuple[str, int] | _HasAddress
+
+
+def _address(target: Target) -> tuple[str, int]:
+    # Anything else goes through as given, for the native side to reject naming `address`.
+    return cast(tuple[str, int], getattr(target, "address", target))
+
+
+def closed_loop(
+    target: Target,
+    connections: int = 10,
+    size: int = 64,
+    *,
+    pipeline: int = 1,
+    duration: float = 5.0,
+    warmup: float = 1.0,
+    threads: int | None = None,
+    timeout: float = 2.0,
+) -> Result:
+    """Closed-loop echo load: each of ``connections`` keeps ``pipeline`` frames of ``size`` bytes in
+    flight, sending the next as soon as one is answered. A frame counts if its answer comes inside the
+    window; its latency runs from its send. ``threads`` defaults to 1, and 2 from 512 connections on
+    (given two cores): below that a second thread only takes a core from a server on the same machine.
+
+    A closed loop sends less when the server is slow, so a stall shows in its throughput and its max,
+    not in its percentiles: use ``open_loop`` for latency under a given load.
+    """
+    raw = _native.load_closed_loop(
+        _address(target), connections, size, pipeline, duration, warmup, threads, timeout
+    )
+    return cast(Result, raw)
+
+
+def open_loop(
+    target: Target,
+    rate: float,
+    connections: int = 10,
+    size: int = 64,
+    *,
+    duration: float = 5.0,
+    warmup: float = 1.0,
+    threads: int | None = None,
+    timeout: float = 2.0,
+) -> Result:
+    """Open-loop, constant-rate echo load: frame ``k`` is due at ``start + k / rate`` whatever the
+    server does, round-robin over ``connections``, and is sent when due (frames wait in a per-connection
+    queue while the socket is full or the connection is reopening). A frame counts if it was due inside
+    the window; its latency runs from when it was *due*, so a server that stalls for 200 ms shows 200 ms
+    in the tail instead of hiding it (coordinated omission, as wrk2 avoids it). The drain waits up to
+    ``timeout`` for the window's last answers.
+    """
+    raw = _native.load_open_loop(
+        _address(target), rate, connections, size, duration, warmup, threads, timeout
+    )
+    return cast(Result, raw)
+
+
+def churn(
+    target: Target,
+    cycles: int,
+    parallel: int,
+    size: int = 64,
+    *,
+    rst: bool = False,
+    threads: int | None = None,
+    timeout: float = 2.0,
+    deadline: float = 60.0,
+) -> Result:
+    """Connection churn: ``cycles * parallel`` connections, at most ``parallel`` open at once (a
+    finished one is replaced at once), each connect -> one frame -> verified echo -> close, by FIN or,
+    with ``rst``, by RST (SO_LINGER 0; the server sees a reset and no TIME_WAIT is left here). A failed
+    attempt counts one error and is not retried. Latency runs from the connect to the verified echo.
+
+    A graceful close leaves TIME_WAIT on this side: tens of thousands of connections can run out of
+    local ports, which shows as ``connect`` errors. At ``deadline`` the connections still open count
+    as timeouts and the attempts not yet made are not made (``frames + sum(errors)`` then falls short
+    of ``cycles * parallel``).
+    """
+    raw = _native.load_churn(_address(target), cycles, parallel, size, rst, threads, timeout, deadline)
+    return cast(Result, raw)
+
+
+def pingpong(size: int = 64, *, duration: float = 1.0, warmup: float = 0.1) -> Result:
+    """The raw loopback round trip, no connlab server: one connection between the calling thread and
+    an echo thread of the generator, blocking sockets, one frame at a time. Its p50 is what the kernel
+    and two wake-ups cost, the floor to read a backend's one-connection p50 against.
+    """
+    return cast(Result, _native.load_pingpong(size, duration, warmup))
+
+
+def histogram_base64(result: Result) -> str:
+    """The run's histogram as base64 text (``HISTF...``), as HdrHistogram logs and plotters take it."""
+    return base64.b64encode(result["histogram"]).decode("ascii")

@@ -1,0 +1,191 @@
+//! The load generator for Python: `load_closed_loop`, `load_open_loop`,
+//! `load_churn` and `load_pingpong` on `connlab._native` (re-exported without
+//! the prefix by `connlab.load`). Each converts its arguments (errors name
+//! them), runs with the GIL released, and returns the report as a dict.
+
+use std::net::SocketAddr;
+
+use connlab_loadgen::{seconds, Churn, ClosedLoop, ErrorKind, OpenLoop, PingPong, Report};
+use connlab_servers::Error;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+
+use crate::{count, ip, NativeError};
+
+/// A `(host, port)` tuple naming a server to load; errors name `address`.
+fn address(value: &Bound<'_, PyAny>) -> Result<SocketAddr, NativeError> {
+    let bad = |why: &str| NativeError(Error::invalid("address", why.to_string()));
+    let (host, port): (String, i64) = value.extract().map_err(|_| bad("expected a (host, port) tuple"))?;
+    let port =
+        u16::try_from(port).ok().filter(|&p| p != 0).ok_or_else(|| bad("port must be in [1, 65535]"))?;
+    Ok(SocketAddr::new(ip("address", &host)?, port))
+}
+
+/// Optional thread count.
+fn threads(value: Option<i64>) -> Result<Option<usize>, NativeError> {
+    value.map(|n| count("threads", n)).transpose()
+}
+
+/// The report as the dict `_native.pyi` documents.
+fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("mode", r.mode.name())?;
+    d.set_item("connections", r.connections)?;
+    d.set_item("threads", r.threads)?;
+    d.set_item("size", r.size)?;
+    d.set_item("rate", r.rate)?;
+    d.set_item("frames", r.frames)?;
+    d.set_item("bytes", r.bytes)?;
+    d.set_item("elapsed_s", r.elapsed.as_secs_f64())?;
+    d.set_item("frames_per_s", r.frames_per_s())?;
+    d.set_item("mb_per_s", r.mb_per_s())?;
+    d.set_item("connects", r.connects)?;
+    d.set_item("conns_per_s", r.conns_per_s())?;
+    d.set_item("lost", r.lost)?;
+    let errors = PyDict::new(py);
+    for (kind, n) in r.errors.iter() {
+        errors.set_item(kind.name(), n)?;
+    }
+    d.set_item("errors", errors)?;
+    let l = r.latency();
+    let latency = PyDict::new(py);
+    latency.set_item("count", l.count)?;
+    latency.set_item("min", l.min)?;
+    latency.set_item("mean", l.mean)?;
+    latency.set_item("p50", l.p50)?;
+    latency.set_item("p90", l.p90)?;
+    latency.set_item("p99", l.p99)?;
+    latency.set_item("p99.9", l.p999)?;
+    latency.set_item("max", l.max)?;
+    d.set_item("latency_us", latency)?;
+    d.set_item("histogram", PyBytes::new(py, &r.histogram_v2_deflate()))?;
+    Ok(d)
+}
+
+/// Runs `f` without the GIL and returns its report as a dict.
+fn run<'py>(
+    py: Python<'py>,
+    f: impl FnOnce() -> Result<Report, Error> + Send,
+) -> PyResult<Bound<'py, PyDict>> {
+    let report = py.detach(f).map_err(NativeError)?;
+    report_dict(py, &report)
+}
+
+/// Closed-loop echo load (see `connlab.load.closed_loop`).
+#[pyfunction]
+#[pyo3(signature = (
+    address, connections = 10, size = 64, pipeline = 1, duration = 5.0, warmup = 1.0,
+    threads = None, timeout = 2.0,
+))]
+#[allow(clippy::too_many_arguments)]
+fn load_closed_loop<'py>(
+    py: Python<'py>,
+    address: &Bound<'py, PyAny>,
+    connections: i64,
+    size: i64,
+    pipeline: i64,
+    duration: f64,
+    warmup: f64,
+    threads: Option<i64>,
+    timeout: f64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let job = ClosedLoop {
+        address: self::address(address)?,
+        connections: count("connections", connections)?,
+        size: count("size", size)?,
+        pipeline: count("pipeline", pipeline)?,
+        duration: seconds("duration", duration).map_err(NativeError)?,
+        warmup: seconds("warmup", warmup).map_err(NativeError)?,
+        threads: self::threads(threads)?,
+        timeout: seconds("timeout", timeout).map_err(NativeError)?,
+    };
+    run(py, move || job.run())
+}
+
+/// Open-loop, constant-rate echo load (see `connlab.load.open_loop`).
+#[pyfunction]
+#[pyo3(signature = (
+    address, rate, connections = 10, size = 64, duration = 5.0, warmup = 1.0,
+    threads = None, timeout = 2.0,
+))]
+#[allow(clippy::too_many_arguments)]
+fn load_open_loop<'py>(
+    py: Python<'py>,
+    address: &Bound<'py, PyAny>,
+    rate: f64,
+    connections: i64,
+    size: i64,
+    duration: f64,
+    warmup: f64,
+    threads: Option<i64>,
+    timeout: f64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let job = OpenLoop {
+        address: self::address(address)?,
+        rate,
+        connections: count("connections", connections)?,
+        size: count("size", size)?,
+        duration: seconds("duration", duration).map_err(NativeError)?,
+        warmup: seconds("warmup", warmup).map_err(NativeError)?,
+        threads: self::threads(threads)?,
+        timeout: seconds("timeout", timeout).map_err(NativeError)?,
+    };
+    run(py, move || job.run())
+}
+
+/// Connection churn (see `connlab.load.churn`).
+#[pyfunction]
+#[pyo3(signature = (
+    address, cycles, parallel, size = 64, rst = false, threads = None, timeout = 2.0, deadline = 60.0,
+))]
+#[allow(clippy::too_many_arguments)]
+fn load_churn<'py>(
+    py: Python<'py>,
+    address: &Bound<'py, PyAny>,
+    cycles: i64,
+    parallel: i64,
+    size: i64,
+    rst: bool,
+    threads: Option<i64>,
+    timeout: f64,
+    deadline: f64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let job = Churn {
+        address: self::address(address)?,
+        cycles: count("cycles", cycles)?,
+        parallel: count("parallel", parallel)?,
+        size: count("size", size)?,
+        rst,
+        threads: self::threads(threads)?,
+        timeout: seconds("timeout", timeout).map_err(NativeError)?,
+        deadline: seconds("deadline", deadline).map_err(NativeError)?,
+    };
+    run(py, move || job.run())
+}
+
+/// The loopback ping-pong baseline (see `connlab.load.pingpong`).
+#[pyfunction]
+#[pyo3(signature = (size = 64, duration = 1.0, warmup = 0.1))]
+fn load_pingpong<'py>(
+    py: Python<'py>,
+    size: i64,
+    duration: f64,
+    warmup: f64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let job = PingPong {
+        size: count("size", size)?,
+        duration: seconds("duration", duration).map_err(NativeError)?,
+        warmup: seconds("warmup", warmup).map_err(NativeError)?,
+    };
+    run(py, move || job.run())
+}
+
+/// Adds the `load_*` functions and `LOAD_ERROR_KINDS` to the module.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(load_closed_loop, m)?)?;
+    m.add_function(wrap_pyfunction!(load_open_loop, m)?)?;
+    m.add_function(wrap_pyfunction!(load_churn, m)?)?;
+    m.add_function(wrap_pyfunction!(load_pingpong, m)?)?;
+    m.add("LOAD_ERROR_KINDS", PyTuple::new(m.py(), ErrorKind::ALL.map(ErrorKind::name))?)?;
+    Ok(())
+}
