@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from connlab import perf_cli
 from connlab._native import BACKENDS, Server
 from connlab.matrix.cli import add_matrix_parser, run_matrix
 
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(serve)
     serve.set_defaults(func=cmd_serve)
     add_matrix_parser(sub, cmd_matrix)
+    perf_cli.add_parsers(sub)
     return parser
 
 

@@ -34,17 +34,21 @@ class Footprint:
     @property
     def rss_per_connection(self) -> float:
         """Least-squares slope of RSS over connections."""
-        xs = [s.connections for s in self.samples]
-        ys = [s.rss_bytes for s in self.samples]
-        n = len(xs)
-        mean_x, mean_y = sum(xs) / n, sum(ys) / n
-        var = sum((x - mean_x) ** 2 for x in xs)
-        if var == 0:
-            raise ValueError("need at least two different connection counts")
-        return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
+        return slope([s.connections for s in self.samples], [s.rss_bytes for s in self.samples])
 
 
-def _raise_nofile(needed: int) -> None:
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ys over xs."""
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    var = sum((x - mean_x) ** 2 for x in xs)
+    if var == 0:
+        raise ValueError("need at least two different x values")
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
+
+
+def raise_nofile(needed: int) -> None:
+    """Raises this process's RLIMIT_NOFILE soft limit to `needed` (children inherit it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:
         if hard != resource.RLIM_INFINITY and hard < needed:
@@ -64,17 +68,33 @@ def idle_footprint(
     """
     if list(steps) != sorted(steps) or not steps:
         raise ValueError(f"steps must be non-empty and ascending, got {list(steps)}")
-    _raise_nofile(2 * steps[-1] + 256)  # the child inherits the raised limit
+    raise_nofile(2 * steps[-1] + 256)  # the child inherits the raised limit
     cmd = [sys.executable, "-m", "connlab", "serve", "--backend", backend, "--port", "0", "--backlog", "4096"]
     cmd += ["--idle-timeout", "0", "--read-timeout", "0", "--write-timeout", "0"]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    clients = []
     try:
         assert child.stdout is not None
         listening = json.loads(child.stdout.readline())
-        address = (listening["host"], listening["port"])
+        samples = measure_idle((listening["host"], listening["port"]), child.pid, steps)
+        return Footprint(backend=backend, samples=tuple(samples))
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        if child.stdout:
+            child.stdout.close()
+
+
+def measure_idle(address: tuple[str, int], pid: int, steps: Sequence[int]) -> list[Sample]:
+    """Opens idle connections to a running server `pid` step by step (each served one frame
+    first) and samples the process at each step; closes them all before returning."""
+    clients = []
+    try:
         samples = []
         for target in steps:
             while len(clients) < target:
@@ -84,27 +104,19 @@ def idle_footprint(
                     raise RuntimeError("the server answered with a different frame")
                 clients.append(client)
             wait_until(
-                lambda target=target: probe.port_view(address[1], pid=child.pid).established == target,
+                lambda target=target: probe.port_view(address[1], pid=pid).established == target,
                 timeout=10,
                 what=f"{target} connections established in the server",
             )
             samples.append(
                 Sample(
                     connections=target,
-                    rss_bytes=probe.rss_bytes(child.pid),
-                    threads=probe.thread_count(child.pid),
-                    fds=probe.fd_count(child.pid),
+                    rss_bytes=probe.rss_bytes(pid),
+                    threads=probe.thread_count(pid),
+                    fds=probe.fd_count(pid),
                 )
             )
-        return Footprint(backend=backend, samples=tuple(samples))
+        return samples
     finally:
         for client in clients:
             client.close()
-        child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        if child.stdout:
-            child.stdout.close()

@@ -1,0 +1,239 @@
+"""The comparison report: results.json, report.md, report.html and PNG plots."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+from connlab.matrix.core import SCENARIOS, order_key
+
+LABEL = {"pass": "pass", "fail": "FAIL", "skip": "skip"}
+
+
+def _closed_counts(bench: dict[str, Any]) -> list[tuple[int, str]]:
+    """(connections, workload name) of the 64 B closed-loop workloads, ascending."""
+    found = []
+    for name in bench["summary"]:
+        if m := re.fullmatch(r"closed64-c(\d+)", name):
+            found.append((int(m.group(1)), name))
+    return sorted(found)
+
+
+def _median(bench: dict[str, Any], workload: str, backend: str, figure: str) -> float | None:
+    value = bench["summary"].get(workload, {}).get(backend, {}).get(figure)
+    return float(value["median"]) if isinstance(value, dict) else None
+
+
+def plots(bench: dict[str, Any], out: Path) -> dict[str, str]:
+    """Writes the PNG plots; returns {title: file name}."""
+    backends = bench["config"]["backends"]
+    counts = _closed_counts(bench)
+    made: dict[str, str] = {}
+
+    def line_plot(fname: str, title: str, figure: str, ylabel: str, log: bool) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for b in backends:
+            pts = [(c, v) for c, w in counts if (v := _median(bench, w, b, figure)) is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
+        ax.set_xscale("log")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("concurrent connections (64 B frames, closed loop)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        made[title] = fname
+
+    def bar_plot(
+        fname: str, title: str, workload: str | None, figure: str, *, ylabel: str, scale: float = 1
+    ) -> None:
+        if workload is None:
+            return
+        values = [(b, v * scale) for b in backends if (v := _median(bench, workload, b, figure)) is not None]
+        if not values:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ax.bar([v[0] for v in values], [v[1] for v in values], color="tab:blue")
+        for i, (_, v) in enumerate(values):
+            ax.annotate(f"{v:,.1f}", (i, v), ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        made[title] = fname
+
+    line_plot("throughput.png", "Throughput vs connections", "frames_per_s", "frames/s (median)", False)
+    line_plot("p99.png", "p99 latency vs connections", "p99_us", "p99 latency, us (log)", True)
+    line_plot(
+        "threads.png",
+        "Server threads vs connections",
+        "server_threads",
+        "threads in the server process",
+        True,
+    )
+    bar_plot(
+        "rss_per_conn.png",
+        "Idle RSS per connection",
+        "idle" if "idle" in bench["summary"] else None,
+        "rss_per_conn_bytes",
+        ylabel="KiB per idle connection",
+        scale=1 / 1024,
+    )
+    churn = next((w for w in bench["summary"] if w.startswith("churn-")), None)
+    bar_plot("churn.png", f"Churn rate ({churn})", churn, "conns_per_s", ylabel="connections/s (median)")
+    return made
+
+
+def _fmt(cell: dict[str, Any] | None, scale: float = 1, digits: int = 0) -> str:
+    if not cell:
+        return "-"
+    med, lo, hi = (cell[k] * scale for k in ("median", "min", "max"))
+    return f"{med:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
+
+
+def comparison_rows(bench: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The main comparison table: one row per workload, one column per backend (median (min-max))."""
+    backends = bench["config"]["backends"]
+    header = ["workload", "figure", *backends]
+    rows = []
+    for w in bench["config"]["workloads"]:
+        name, kind = w["name"], w["kind"]
+        specs = {
+            "closed": [
+                ("frames/s", "frames_per_s", 1, 0),
+                ("p99 us", "p99_us", 1, 0),
+                ("threads", "server_threads", 1, 0),
+            ],
+            "open": [("p50 us", "p50_us", 1, 0), ("p99 us", "p99_us", 1, 0), ("max us", "max_us", 1, 0)],
+            "churn": [("conns/s", "conns_per_s", 1, 0)],
+            "rtt": [("p50 us", "p50_us", 1, 1)],
+            "idle": [("KiB/conn", "rss_per_conn_bytes", 1 / 1024, 2)],
+        }[kind]
+        if name.startswith("closed16k"):
+            specs = [("MB/s", "mb_per_s", 1, 0), *specs[1:]]
+        for label, figure, scale, digits in specs:
+            cells = [_fmt(bench["summary"][name][b].get(figure), scale, digits) for b in backends]
+            rows.append([name, label, *cells])
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def matrix_rows(matrix: list[dict[str, Any]], targets: list[str]) -> tuple[list[str], list[list[str]]]:
+    cells = {(r["scenario"], r["target"]): r for r in matrix}
+    rows = []
+    for sid in sorted({r["scenario"] for r in matrix}, key=order_key):
+        row = [sid, SCENARIOS[sid].description if sid in SCENARIOS else ""]
+        for t in targets:
+            r = cells.get((sid, t))
+            row.append(f"{LABEL[r['status']]} {r['seconds']:.1f}s" if r else "-")
+        rows.append(row)
+    return ["scenario", "what", *targets], rows
+
+
+def target_rows(evaluated: list[dict[str, Any]]) -> list[list[str]]:
+    status = {True: "met", False: "MISSED", None: "not measured"}
+    return [[t["label"], status[t["met"]], t["detail"]] for t in evaluated]
+
+
+def write(out: Path, results: dict[str, Any]) -> dict[str, Path]:
+    """Writes results.json, the plots, report.md and report.html into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    bench = results.get("bench")
+    made = plots(bench, out) if bench else {}
+    sections: list[tuple[str, str, list[str] | None, list[list[str]] | None]] = []
+    m = results["machine"]
+    intro = (
+        f"Machine: {m.get('cpu_model')}, {m.get('cpus')} CPUs, {m.get('platform')}. "
+        f"Pinning: {bench.get('pinning', 'none') if bench else 'n/a'}. "
+        f"Figures are medians of {bench['config']['repetitions'] if bench else 0} interleaved "
+        "repetitions, with min-max in parentheses; each backend ran as its own `connlab serve` process."
+    )
+    sections.append(("connlab: TCP server architectures side by side", intro, None, None))
+    if results.get("matrix"):
+        header, rows = matrix_rows(results["matrix"], results["matrix_targets"])
+        sections.append(
+            ("Lifecycle matrix", f"Wall time {results.get('matrix_wall_s', 0):.0f} s.", header, rows)
+        )
+    if bench:
+        header, rows = comparison_rows(bench)
+        sections.append(("Comparison", "", header, rows))
+        sections.append(
+            (
+                "Targets (ratios measured in this run)",
+                "",
+                ["target", "status", "measured"],
+                target_rows(results["targets"]),
+            )
+        )
+    md = []
+    for title, text, header, rows in sections:
+        md.append(f"## {title}\n")
+        if text:
+            md.append(text + "\n")
+        if header and rows is not None:
+            md.append(_md_table(header, rows) + "\n")
+    missed = [t for t in results.get("targets", []) if t["met"] is False]
+    if missed:
+        md.append("## Targets missed\n")
+        md += [f"- MISSED: {t['label']}: {t['detail']}" for t in missed]
+        md.append("")
+    if made:
+        md.append("## Plots\n")
+        md += [f"![{title}]({fname})\n" for title, fname in made.items()]
+    md[0] = "# " + md[0][3:]
+    (out / "report.md").write_text("\n".join(md))
+    (out / "report.html").write_text(_html(sections, made, missed))
+    return {"json": out / "results.json", "md": out / "report.md", "html": out / "report.html"}
+
+
+def _html(
+    sections: list[tuple[str, str, list[str] | None, list[list[str]] | None]],
+    made: dict[str, str],
+    missed: list[dict[str, Any]],
+) -> str:
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>connlab report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}"
+        ".FAIL,.MISSED{color:#b00;font-weight:bold}.pass,.met{color:#070}</style></head><body>",
+    ]
+    for i, (title, text, header, rows) in enumerate(sections):
+        parts.append(f"<h{1 if i == 0 else 2}>{e(title)}</h{1 if i == 0 else 2}>")
+        if text:
+            parts.append(f"<p>{e(text)}</p>")
+        if header and rows is not None:
+            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+            for row in rows:
+                cells = "".join(f"<td class='{e(c.split(' ')[0])}'>{e(c)}</td>" for c in row)
+                parts.append(f"<tr>{cells}</tr>")
+            parts.append("</table>")
+    if missed:
+        parts.append("<h2>Targets missed</h2><ul>")
+        parts += [f"<li class='MISSED'>MISSED: {e(t['label'])}: {e(t['detail'])}</li>" for t in missed]
+        parts.append("</ul>")
+    for title, fname in made.items():
+        parts.append(f"<h3>{e(title)}</h3><img src='{e(fname)}' alt='{e(title)}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,286 @@
+"""`connlab soak`: many persistent connections over a long run, sampled every few seconds, ending
+in a verdict: no phantoms, few errors, no growth of memory or threads, a clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from connlab import probe
+from connlab._native import Server
+from connlab.footprint import raise_nofile, slope
+
+HEADER = struct.Struct(">I")
+
+
+@dataclass
+class SoakConfig:
+    """The run and its pass criteria."""
+
+    backend: str
+    connections: int = 1000
+    ramp_rate: float = 500.0  # new connections per second
+    interval: float = 1.0  # seconds between one connection's frames
+    duration: float = 60.0  # seconds, ramp included
+    sample_every: float = 2.0
+    size: int = 64
+    workers: int = 2
+    max_phantoms: int = 0
+    max_error_rate: float = 0.01
+    # Growth after the ramp that still counts as flat: RSS bytes per second, threads per second.
+    max_rss_slope: float = 64 << 10
+    max_thread_slope: float = 0.01
+
+
+@dataclass
+class Sample:
+    """One look at both sides."""
+
+    t: float
+    server_active: int
+    kernel_established: int
+    kernel_close_wait: int
+    clients_connected: int
+    phantoms: int
+    errors: int
+    frames: int
+    rss_bytes: int
+    threads: int
+    fds: int
+    server_cpu_pct: float
+
+
+@dataclass
+class Client:
+    """One persistent connection of the soak."""
+
+    sock: socket.socket
+    next_send: float
+    payload: bytes
+    pending: bytes = b""
+    inbuf: bytes = b""
+    waiting: int = 0
+
+
+@dataclass
+class Clients:
+    """The soak's client side, run by one thread with a selector."""
+
+    cfg: SoakConfig
+    address: tuple[str, int]
+    stop: threading.Event = field(default_factory=threading.Event)
+    connected: int = 0
+    frames: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def error(self, kind: str) -> None:
+        with self.lock:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def run(self) -> None:
+        cfg = self.cfg
+        sel = selectors.DefaultSelector()
+        clients: dict[socket.socket, Client] = {}
+        started = time.monotonic()
+        opened = 0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            # Ramp: open connections at ramp_rate until all are open.
+            due = min(cfg.connections, int((now - started) * cfg.ramp_rate) + 1)
+            while opened < due:
+                opened += 1
+                try:
+                    sock = socket.create_connection(self.address, timeout=5)
+                except OSError:
+                    self.error("connect")
+                    continue
+                sock.setblocking(False)
+                payload = opened.to_bytes(4, "big") * (cfg.size // 4) + b"x" * (cfg.size % 4)
+                # Spread the sends of different connections over the interval.
+                c = Client(sock, now + (opened % 97) / 97 * cfg.interval, HEADER.pack(len(payload)) + payload)
+                clients[sock] = c
+                sel.register(sock, selectors.EVENT_READ)
+                with self.lock:
+                    self.connected += 1
+            for c in list(clients.values()):
+                if now >= c.next_send and c.waiting == 0:
+                    c.next_send += cfg.interval
+                    c.pending += c.payload
+                    c.waiting += 1
+                if c.pending:
+                    try:
+                        sent = c.sock.send(c.pending)
+                        c.pending = c.pending[sent:]
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        self._drop(sel, clients, c, "reset")
+            next_due = min((c.next_send for c in clients.values()), default=now + 0.05)
+            timeout = max(0.0, min(next_due - time.monotonic(), 0.05))
+            for key, _ in sel.select(timeout):
+                c = clients.get(key.fileobj)  # type: ignore[arg-type]
+                if c is None:
+                    continue
+                try:
+                    data = c.sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self._drop(sel, clients, c, "reset")
+                    continue
+                if not data:
+                    self._drop(sel, clients, c, "eof")
+                    continue
+                c.inbuf += data
+                while len(c.inbuf) >= len(c.payload):
+                    answer, c.inbuf = c.inbuf[: len(c.payload)], c.inbuf[len(c.payload) :]
+                    if answer != c.payload:
+                        self.error("corrupt")
+                    c.waiting -= 1
+                    with self.lock:
+                        self.frames += 1
+        for c in list(clients.values()):
+            self._drop(sel, clients, c, None)
+        sel.close()
+
+    def _drop(
+        self, sel: selectors.BaseSelector, clients: dict[socket.socket, Client], c: Client, kind: str | None
+    ) -> None:
+        if kind:
+            self.error(kind)
+        sel.unregister(c.sock)
+        del clients[c.sock]
+        c.sock.close()
+        with self.lock:
+            self.connected -= 1
+
+
+def run_soak(cfg: SoakConfig, emit: Callable[[Sample], None] = lambda _: None) -> dict[str, Any]:
+    """Runs the soak; returns the samples, the criteria with their outcome, and the verdict."""
+    raise_nofile(2 * cfg.connections + 256)
+    server = Server(
+        cfg.backend,
+        workers=cfg.workers,
+        idle_timeout=max(10.0, 5 * cfg.interval),
+        read_timeout=10.0,
+        write_timeout=10.0,
+        journal_capacity=0,
+        backlog=4096,
+    )
+    port = server.address[1]
+    clients = Clients(cfg, server.address)
+    worker = threading.Thread(target=clients.run, name="soak-clients")
+    samples: list[Sample] = []
+    pid = os.getpid()
+    started = time.monotonic()
+    cpu_prev, t_prev = probe.threads_cpu_seconds("connlab-"), started
+    worker.start()
+    try:
+        while (elapsed := time.monotonic() - started) < cfg.duration:
+            time.sleep(min(cfg.sample_every, max(0.0, cfg.duration - elapsed)))  # the sampling period
+            now = time.monotonic()
+            cpu = probe.threads_cpu_seconds("connlab-")
+            stats = server.stats()
+            view = probe.port_view(port)
+            with clients.lock:
+                connected, frames, errors = clients.connected, clients.frames, sum(clients.errors.values())
+            sample = Sample(
+                t=round(now - started, 2),
+                server_active=stats["active"],
+                kernel_established=view.established,
+                kernel_close_wait=view.close_wait,
+                clients_connected=connected,
+                phantoms=stats["active"] - probe.owned_server_sockets(port, pid),
+                errors=errors,
+                frames=frames,
+                rss_bytes=probe.rss_bytes(),
+                threads=probe.thread_count(),
+                fds=probe.fd_count(),
+                server_cpu_pct=round(100 * (cpu - cpu_prev) / (now - t_prev), 2),
+            )
+            cpu_prev, t_prev = cpu, now
+            samples.append(sample)
+            emit(sample)
+    finally:
+        clients.stop.set()
+        worker.join()
+    # Clean shutdown: once the clients are gone the server holds nothing, then stops cleanly.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (server.stats()["active"] or probe.port_view(port).close_wait):
+        time.sleep(0.01)
+    left_server, left_kernel = server.stats()["active"], probe.port_view(port).total
+    report = server.stop(1.0)
+    return {
+        "config": asdict(cfg),
+        "samples": [asdict(s) for s in samples],
+        **verdict(
+            cfg,
+            samples=samples,
+            clients=clients,
+            left_server=left_server,
+            left_kernel=left_kernel,
+            stop_report=report,
+        ),
+    }
+
+
+def verdict(
+    cfg: SoakConfig,
+    *,
+    samples: list[Sample],
+    clients: Clients,
+    left_server: int,
+    left_kernel: int,
+    stop_report: dict[str, Any],
+) -> dict[str, Any]:
+    """The criteria, each with what was measured and whether it held."""
+    ramp_end = cfg.connections / cfg.ramp_rate
+    steady = [s for s in samples if s.t >= ramp_end + cfg.interval] or samples
+    frames = max((s.frames for s in samples), default=0)
+    errors = sum(clients.errors.values())
+    worst_phantoms = max((abs(s.phantoms) for s in samples), default=0)
+    rss_slope = slope([s.t for s in steady], [s.rss_bytes for s in steady]) if len(steady) >= 2 else 0.0
+    thread_slope = slope([s.t for s in steady], [s.threads for s in steady]) if len(steady) >= 2 else 0.0
+    error_rate = errors / max(frames + errors, 1)
+    criteria = [
+        (
+            f"phantoms <= {cfg.max_phantoms} at every sample",
+            worst_phantoms <= cfg.max_phantoms,
+            f"worst {worst_phantoms}",
+        ),
+        (
+            f"errors < {cfg.max_error_rate:.0%} of frames",
+            error_rate < cfg.max_error_rate,
+            f"{errors} errors ({clients.errors}) over {frames} frames = {error_rate:.3%}",
+        ),
+        (
+            "RSS not trending up after the ramp",
+            rss_slope <= cfg.max_rss_slope,
+            f"slope {rss_slope / 1024:+.1f} KiB/s (limit {cfg.max_rss_slope / 1024:.0f})",
+        ),
+        (
+            "threads not trending up after the ramp",
+            thread_slope <= cfg.max_thread_slope,
+            f"slope {thread_slope:+.3f} threads/s",
+        ),
+        (
+            "every connection came up",
+            max((s.clients_connected for s in samples), default=0) == cfg.connections,
+            f"peak {max((s.clients_connected for s in samples), default=0)} of {cfg.connections}",
+        ),
+        (
+            "clean shutdown: 0 connections left on either side",
+            left_server == 0 and left_kernel == 0,
+            f"server {left_server}, kernel {left_kernel}; stop {stop_report}",
+        ),
+    ]
+    rows = [{"criterion": c, "held": bool(ok), "measured": m} for c, ok, m in criteria]
+    return {"criteria": rows, "passed": all(r["held"] for r in rows)}
