@@ -8,11 +8,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
-
 from connlab.matrix.core import SCENARIOS, order_key
 
 LABEL = {"pass": "pass", "fail": "FAIL", "skip": "skip"}
@@ -34,6 +29,13 @@ def _median(bench: dict[str, Any], workload: str, backend: str, figure: str) -> 
 
 def plots(bench: dict[str, Any], out: Path) -> dict[str, str]:
     """Writes the PNG plots; returns {title: file name}."""
+    # Imported here: matplotlib starts a thread and takes a while to load, which `connlab serve`
+    # (whose threads the probes count) must not pay for.
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
     backends = bench["config"]["backends"]
     counts = _closed_counts(bench)
     made: dict[str, str] = {}
