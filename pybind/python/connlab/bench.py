@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -157,11 +159,19 @@ class ServerChild:
 
 
 def measure(server: ServerChild, w: Workload, cfg: BenchConfig) -> dict[str, Any]:
-    """Runs one workload against a running server child; returns its figures."""
-    cpu0, t0 = server.cpu_seconds(), time.monotonic()
+    """Runs one workload against a running server child; returns its figures. The server's
+    threads and RSS are sampled in the middle of the measured window, while the load is on."""
     m: dict[str, Any] = {}
+    if w.kind == "idle":
+        samples = measure_idle(server.address, server.pid, w.steps)
+        m["idle_samples"] = [asdict(s) for s in samples]
+        m["rss_per_conn_bytes"] = slope([s.connections for s in samples], [s.rss_bytes for s in samples])
+        m["threads_by_step"] = {s.connections: s.threads for s in samples}
+        m["server_threads"] = samples[-1].threads
+        m["server_rss_bytes"] = samples[-1].rss_bytes
+        return m
     if w.kind in {"closed", "rtt"}:
-        r = load.closed_loop(
+        run = lambda: load.closed_loop(  # noqa: E731
             server.address,
             connections=w.connections,
             size=w.size,
@@ -170,9 +180,8 @@ def measure(server: ServerChild, w: Workload, cfg: BenchConfig) -> dict[str, Any
             warmup=cfg.warmup,
             threads=cfg.gen_threads,
         )
-        m.update(_load_figures(r))
     elif w.kind == "open":
-        r = load.open_loop(
+        run = lambda: load.open_loop(  # noqa: E731
             server.address,
             rate=w.rate,
             connections=w.connections,
@@ -181,22 +190,34 @@ def measure(server: ServerChild, w: Workload, cfg: BenchConfig) -> dict[str, Any
             warmup=cfg.warmup,
             threads=cfg.gen_threads,
         )
-        m.update(_load_figures(r))
     elif w.kind == "churn":
-        r = load.churn(server.address, cycles=w.cycles, parallel=w.parallel, size=w.size)
-        m.update(_load_figures(r))
-    elif w.kind == "idle":
-        samples = measure_idle(server.address, server.pid, w.steps)
-        m["idle_samples"] = [asdict(s) for s in samples]
-        m["rss_per_conn_bytes"] = slope([s.connections for s in samples], [s.rss_bytes for s in samples])
-        m["threads_by_step"] = {s.connections: s.threads for s in samples}
+        run = lambda: load.churn(server.address, cycles=w.cycles, parallel=w.parallel, size=w.size)  # noqa: E731
     else:
         raise ValueError(f"unknown workload kind {w.kind!r}")
+    cpu0, t0 = server.cpu_seconds(), time.monotonic()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-load") as pool:
+        running = pool.submit(run)  # the generator releases the GIL
+        mid = t0 + (cfg.warmup + cfg.duration / 2 if w.kind != "churn" else 0.05)
+        threads, rss = 0, 0
+        while not running.done():
+            if time.monotonic() >= mid:
+                threads = max(threads, probe.thread_count(server.pid))
+                rss = max(rss, probe.rss_bytes(server.pid))
+                mid = float("inf")
+            running_wait(running, 0.01)
+        result = running.result()
     elapsed = time.monotonic() - t0
+    m.update(_load_figures(result))
     m["server_cpu_pct"] = 100 * (server.cpu_seconds() - cpu0) / elapsed
-    m["server_threads"] = probe.thread_count(server.pid)
-    m["server_rss_bytes"] = probe.rss_bytes(server.pid)
+    m["server_threads"] = threads or probe.thread_count(server.pid)
+    m["server_rss_bytes"] = rss or probe.rss_bytes(server.pid)
     return m
+
+
+def running_wait(future: Future[Any], seconds: float) -> None:
+    """Waits up to `seconds` for `future` (a short poll between samples)."""
+    with suppress(TimeoutError):
+        future.result(timeout=seconds)
 
 
 def _load_figures(r: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -203,7 +204,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     names = cfg.backends
     started = time.monotonic()
     if not args.skip_matrix:
-        scenarios = matrix.select()
+        try:
+            scenarios = matrix.select(args.scenarios)
+        except ValueError as err:
+            print(f"connlab compare: --scenarios: {err}", file=sys.stderr)
+            return 2
         progress, step = _progress(console, len(scenarios) * len(names))
         found = []
         with progress:
@@ -318,6 +323,13 @@ def add_parsers(sub: Any) -> None:
         help="report directory (default: reports/latest)",
     )
     compare.add_argument("--skip-matrix", action="store_true", help="only the benchmark")
+    compare.add_argument(
+        "--scenarios",
+        type=lambda t: [i.strip() for i in t.split(",") if i.strip()],
+        default=None,
+        metavar="IDS",
+        help="only these matrix scenarios (default: all)",
+    )
     compare.set_defaults(func=cmd_compare)
     soak = sub.add_parser(
         "soak",

@@ -1,0 +1,186 @@
+"""Smoke runs of bench, soak and compare, and the target arithmetic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from connlab import targets
+
+CONNLAB = [sys.executable, "-m", "connlab"]
+TINY = [
+    "--repetitions",
+    "1",
+    "--duration",
+    "0.3",
+    "--warmup",
+    "0.1",
+    "--connections",
+    "1,10",
+    "--idle-steps",
+    "0,50",
+    "--churn",
+    "20x5",
+    "--rate",
+    "2000",
+]
+
+
+def connlab(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CONNLAB, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_bench_smoke_measures_every_workload_on_every_backend(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    run = connlab("bench", "--backends", "epoll,blocking", *TINY, "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    workloads = [w["name"] for w in data["config"]["workloads"]]
+    assert workloads == [
+        "closed64-c1",
+        "closed64-c10",
+        "closed16k-c10",
+        "open64-r2000",
+        "churn-20x5",
+        "rtt",
+        "idle",
+    ]
+    for name in workloads:
+        for backend in ("epoll", "blocking"):
+            cell = data["summary"][name][backend]
+            assert not any(cell["errors"].values()), (name, backend, cell["errors"])
+    assert data["summary"]["closed64-c10"]["epoll"]["frames_per_s"]["median"] > 0
+    assert data["summary"]["churn-20x5"]["blocking"]["conns_per_s"]["median"] > 0
+    assert data["summary"]["open64-r2000"]["epoll"]["p99_us"]["median"] > 0
+    assert data["pingpong"][0]["latency_us"]["p50"] > 0
+    # Each run is in its own process: blocking's threads grow with connections, epoll's do not.
+    assert data["summary"]["closed64-c10"]["blocking"]["server_threads"]["median"] >= 11
+    assert data["summary"]["closed64-c10"]["epoll"]["server_threads"]["median"] <= 3
+    assert {t["label"] for t in data["targets"]} >= {"epoll idle RSS per connection <= 1 KiB"}
+
+
+def test_compare_writes_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    run = connlab("compare", "--backends", "epoll,tokio", *TINY, "--scenarios", "H1,H3", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    for name in (
+        "report.md",
+        "report.html",
+        "results.json",
+        "throughput.png",
+        "p99.png",
+        "threads.png",
+        "rss_per_conn.png",
+        "churn.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "## Lifecycle matrix" in md and "| H1 |" in md and "## Comparison" in md and "## Targets" in md
+    results = json.loads((out / "results.json").read_text())
+    assert results["machine"]["cpus"] >= 1 and {r["status"] for r in results["matrix"]} == {"pass"}
+    assert "Targets" in run.stdout or "targets" in run.stdout
+
+
+def test_soak_smoke_passes_its_verdict(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    run = connlab(
+        "soak",
+        "--backend",
+        "epoll",
+        "--connections",
+        "40",
+        "--ramp-rate",
+        "200",
+        "--interval",
+        "0.5",
+        "--duration",
+        "2",
+        "--sample-every",
+        "0.5",
+        "--json",
+        str(out),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    data = json.loads(out.read_text())
+    assert data["passed"] and len(data["samples"]) >= 3
+    assert all(s["phantoms"] == 0 for s in data["samples"])
+    assert max(s["clients_connected"] for s in data["samples"]) == 40
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "--connections", "x"], "expected comma-separated integers"),
+        (["bench", "--churn", "10"], "expected CYCLESxPARALLEL"),
+        (["bench", "--backends", "nosuch"], "unknown backends"),
+        (["soak", "--backend", "epoll", "--duration", "-1"], "must be > 0"),
+        (["compare", "--scenarios", "Z1"], "unknown scenario ids"),
+    ],
+)
+def test_bad_options_get_a_clear_error(args: list[str], message: str) -> None:
+    run = connlab(*args)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("command", ["bench", "soak", "compare"])
+def test_help_explains_every_option(command: str) -> None:
+    run = connlab(command, "--help")
+    assert run.returncode == 0
+    options = {
+        "bench": [
+            "--backends",
+            "--repetitions",
+            "--duration",
+            "--warmup",
+            "--connections",
+            "--rate",
+            "--churn",
+            "--idle-steps",
+            "--workers",
+            "--pin",
+            "--gen-threads",
+            "--json",
+        ],
+        "soak": [
+            "--backend",
+            "--connections",
+            "--ramp-rate",
+            "--interval",
+            "--duration",
+            "--sample-every",
+            "--max-phantoms",
+            "--max-error-rate",
+            "--json",
+        ],
+        "compare": ["--out", "--skip-matrix", "--scenarios", "--pin", "--repetitions"],
+    }[command]
+    for option in options:
+        assert option in run.stdout, option
+
+
+def test_targets_are_ratios_to_the_same_run() -> None:
+    def cell(**figures: float) -> dict:
+        return {k: {"median": v, "min": v, "max": v} for k, v in figures.items()}
+
+    bench = {
+        "summary": {
+            "closed64-c10": {"epoll": cell(frames_per_s=120.0), "tokio": cell(frames_per_s=100.0)},
+            "closed64-c1000": {"epoll": cell(p99_us=40.0), "tokio": cell(p99_us=100.0)},
+            "idle": {"tokio": cell(rss_per_conn_bytes=5000.0)},
+            "rtt": {"epoll": cell(p50_us=25.0)},
+        },
+        "pingpong": [{"latency_us": {"p50": 20.0}}],
+    }
+    rows = {r["label"]: r for r in targets.evaluate(targets.default_targets(2), bench)}
+    assert rows["epoll >= 1.0x tokio frames/s at 10 connections"]["met"] is True
+    assert rows["epoll >= 1.0x tokio frames/s at 10 connections"]["value"] == pytest.approx(1.2)
+    assert rows["epoll p99 <= 0.5x tokio's at 1000 connections"]["met"] is True
+    assert rows["tokio idle RSS per connection <= 4 KiB"]["met"] is False
+    assert rows["epoll one-connection p50 <= 1.2x raw loopback ping-pong"]["value"] == pytest.approx(1.25)
+    assert rows["epoll one-connection p50 <= 1.2x raw loopback ping-pong"]["met"] is False
+    assert rows["poll >= 0.8x epoll at 100 connections"]["met"] is None
