@@ -384,6 +384,8 @@ def test_phantoms_ignores_time_wait(
     server_side.close()
     assert client.recv(1) == b""
     client.close()
-    assert wait_for(lambda: probe.port_view(port).time_wait == 1)
+    # At least ours: on a busy machine another process's TIME_WAIT may share the port number
+    # (its client used it as an ephemeral port before our listener took it with SO_REUSEADDR).
+    assert wait_for(lambda: probe.port_view(port).time_wait >= 1)
     assert probe.phantoms(FakeServer(port, active=0)) == 0
     assert probe.phantoms(FakeServer(port, active=1)) == 1

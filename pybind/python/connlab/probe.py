@@ -245,8 +245,9 @@ def _socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def _tcp_rows(net_dir: str) -> Iterator[tuple[int, int, int]]:
-    """Yield (local port, state code, inode) for every row of `net_dir`/tcp and `net_dir`/tcp6."""
+def _tcp_rows(net_dir: str) -> Iterator[tuple[int, int, int, tuple[str, str, str]]]:
+    """Yield (local port, state code, inode, (table, local address, remote address)) for every row
+    of `net_dir`/tcp and `net_dir`/tcp6."""
     for table in _TCP_TABLES:
         try:
             with open(f"{net_dir}/{table}", encoding="ascii") as f:
@@ -260,7 +261,7 @@ def _tcp_rows(net_dir: str) -> Iterator[tuple[int, int, int]]:
             if len(cols) < 10:
                 continue
             local_port = int(cols[1].rpartition(":")[2], 16)
-            yield local_port, int(cols[3], 16), int(cols[9])
+            yield local_port, int(cols[3], 16), int(cols[9]), (table, cols[1], cols[2])
 
 
 def port_view(port: int, pid: int | None = None) -> PortView:
@@ -279,12 +280,17 @@ def port_view(port: int, pid: int | None = None) -> PortView:
     if pid is not None:
         owned = _socket_inodes(pid)
         net_dir = f"/proc/{pid}/net"
-    counts: dict[str, int] = {}
-    for local_port, state, inode in _tcp_rows(net_dir):
+    # The kernel does not snapshot these tables: a row can be read twice while other sockets come
+    # and go in the same hash chain. A TCP socket is one (local, remote) pair, so count each once.
+    seen: dict[tuple[str, str, str], int] = {}
+    for local_port, state, inode, key in _tcp_rows(net_dir):
         if local_port != port or state == _LISTEN:
             continue
         if owned is not None and inode not in owned:
             continue
+        seen[key] = state
+    counts: dict[str, int] = {}
+    for state in seen.values():
         name = TCP_STATES.get(state, f"UNKNOWN_{state:02X}")
         counts[name] = counts.get(name, 0) + 1
     return PortView(port=port, pid=pid, counts=counts)
