@@ -165,7 +165,8 @@ pub struct Limits {
 pub const LINGER: Duration = Duration::from_secs(1);
 
 /// Written bytes at the front of the output queue are dropped once there are
-/// this many and they are at least half the buffer (amortized O(1) a byte).
+/// this many and they are at least a quarter of what is still queued (each
+/// byte is moved at most about four times; the front never outweighs the rest).
 const COMPACT_AFTER: usize = 64 << 10;
 
 /// Receives what the core counts and journals; the registry implements it.
@@ -473,7 +474,7 @@ impl Conn {
         if self.out_pos == self.out.len() {
             self.out = Vec::new();
             self.out_pos = 0;
-        } else if self.out_pos >= COMPACT_AFTER && self.out_pos * 2 >= self.out.len() {
+        } else if self.out_pos >= COMPACT_AFTER && self.out_pos * 4 >= self.out.len() - self.out_pos {
             // A peer that reads steadily but never empties the queue would
             // otherwise grow the buffer by everything ever written through it.
             self.out.drain(..self.out_pos);
@@ -607,7 +608,7 @@ impl Conn {
     /// Queues the answer to a frame whose whole body is `body`.
     fn queue_frame(&mut self, body: &[u8], now: Instant) {
         self.start_output(now, body.len());
-        self.out.reserve(HEADER_LEN + body.len());
+        self.grow_out(HEADER_LEN + body.len());
         self.out.extend_from_slice(&crate::codec::header(body.len() as u32));
         self.out.extend_from_slice(body);
     }
@@ -618,8 +619,31 @@ impl Conn {
         if self.out.is_empty() {
             self.out = std::mem::take(&mut self.partial);
         } else {
+            self.grow_out(self.partial.len());
             self.out.extend_from_slice(&self.partial);
             self.partial = Vec::new();
+        }
+    }
+
+    /// Makes room for `more` bytes of output. The written front is dropped
+    /// first; growth doubles but never beyond what the queue can hold
+    /// (reading pauses above `max_pending_output`, so at most that plus one
+    /// whole answer), which keeps a slow reader's cost near the bound of
+    /// DESIGN.md §3 rather than twice it.
+    fn grow_out(&mut self, more: usize) {
+        if self.out.len() + more <= self.out.capacity() {
+            return;
+        }
+        if self.out_pos > 0 {
+            self.out.drain(..self.out_pos);
+            self.head_end -= self.out_pos;
+            self.out_pos = 0;
+        }
+        let need = self.out.len() + more;
+        if need > self.out.capacity() {
+            let most = self.limits.max_pending_output + self.limits.max_frame as usize + HEADER_LEN;
+            let target = (self.out.capacity() * 2).min(most).max(need);
+            self.out.reserve_exact(target - self.out.len());
         }
     }
 

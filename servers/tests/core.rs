@@ -1545,3 +1545,22 @@ fn smallest_output_limit_still_resumes_reading() {
     assert_eq!(out, stream);
     assert!(h.conn.wants_read() && h.conn.is_idle());
 }
+
+#[test]
+fn a_slow_reader_costs_at_most_the_queue_bound() {
+    // The peer never reads: the queue fills to max_pending_output plus one
+    // answer, and the buffer holding it must not be twice that.
+    let max_pending = 256 << 10;
+    let max_frame = 64 << 10;
+    let mut h = H::new(Limits { max_frame, max_pending_output: max_pending, ..no_clocks() });
+    let one = frame(&payload(48_000, 3)); // doubling would reach 384 032 bytes
+    for round in 0..100 {
+        if !h.conn.wants_read() {
+            break;
+        }
+        h.read(ms(round), &one);
+    }
+    assert!(!h.conn.wants_read(), "backpressure paused reading");
+    let bound = max_pending + max_frame as usize + 4;
+    assert!(h.conn.buffered_capacity() <= bound, "{} > {bound}", h.conn.buffered_capacity());
+}

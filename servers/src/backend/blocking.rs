@@ -17,7 +17,7 @@ use super::driver::{self, Link, Next};
 use super::{accept_one, Accepted, BackendKind, Server, ACCEPT_BACKOFF};
 use crate::config::{Config, Error};
 use crate::registry::Registry;
-use crate::shutdown::{ServerThread, StopReport, StopSignal, ThreadSet};
+use crate::shutdown::{ServerThread, StopPoint, StopReport, StopSignal, ThreadSet};
 use crate::sys::{self, Waker};
 
 /// What the acceptor and every connection thread share.
@@ -31,6 +31,12 @@ struct Shared {
     stop: StopSignal,
     /// Connection threads not joined yet.
     threads: ThreadSet,
+    /// Whether new connections are still admitted; the acceptor holds the
+    /// lock from this check to the registration, and `stop` while it ends
+    /// admission, records the counts and tells every connection at once.
+    admitting: Mutex<bool>,
+    /// Counts when admission ended.
+    stop_point: StopPoint,
 }
 
 /// The `blocking` backend.
@@ -51,6 +57,8 @@ impl BlockingServer {
             config,
             stop: StopSignal::new().map_err(super::start_error("creating the stop eventfd"))?,
             threads: ThreadSet::default(),
+            admitting: Mutex::new(true),
+            stop_point: StopPoint::default(),
         });
         let accept_stop = Arc::new(Waker::new().map_err(super::start_error("creating the accept eventfd"))?);
         let acceptor = {
@@ -78,23 +86,26 @@ impl Server for BlockingServer {
         let started = Instant::now();
         let mut acceptor = self.acceptor.lock().unwrap_or_else(|e| e.into_inner());
         let Some((thread, accept_stop)) = acceptor.take() else { return StopReport::default() };
-        // 1. The listener closes when the acceptor returns; after the join no
-        //    connection can be added, so `active` is the number to drain.
+        // 1–4 at one instant: admission ends (so `active` is the number to
+        // drain), and every connection thread is told, so a connection busy
+        // when stop began cannot turn idle unseen and lose its lingering
+        // close. Each thread then decides for itself: idle ones close at
+        // once, busy ones drain, the rest abort when the grace ends.
+        {
+            let mut admitting = self.shared.admitting.lock().unwrap_or_else(|e| e.into_inner());
+            *admitting = false;
+            self.shared.stop_point.record(&self.shared.registry);
+            self.shared.stop.raise(crate::shutdown::grace_end(started, grace));
+        }
+        // The listener closes when the acceptor returns.
         accept_stop.wake().expect("writing to an eventfd cannot fail");
         thread.join();
         drop(accept_stop); // the last reference: its eventfd closes
-        let registry = &self.shared.registry;
-        let active = registry.active();
-        let forced_before = registry.forced();
-        // 2–4. Every connection thread decides for itself: idle ones close at
-        //    once, busy ones drain, the rest abort when the grace ends.
-        self.shared.stop.raise(crate::shutdown::grace_end(started, grace));
-        // 5. Join them all (they are gone by the end of the grace), then close
-        //    the last fd the server holds.
+                           // 5. Join them all (they are gone by the end of the grace), then close
+                           //    the last fd the server holds.
         self.shared.threads.join_all();
         self.shared.stop.close();
-        let forced = registry.forced() - forced_before;
-        StopReport { drained: active - forced, forced, elapsed: started.elapsed() }
+        self.shared.stop_point.report(&self.shared.registry, started)
     }
 }
 
@@ -151,6 +162,13 @@ fn admit(shared: &Arc<Shared>, sock: Socket, peer: std::net::SocketAddr) {
     // explicitly (they bound any blocking call; ours use MSG_DONTWAIT).
     let _ = sock.set_read_timeout(shared.config.read_timeout);
     let _ = sock.set_write_timeout(shared.config.write_timeout);
+    let admitting = shared.admitting.lock().unwrap_or_else(|e| e.into_inner());
+    if !*admitting {
+        // Stop began: this one was still in the accept queue, where the
+        // kernel would have reset it; do the same, uncounted.
+        let _ = sock.set_linger(Some(Duration::ZERO));
+        return;
+    }
     let Some(link) = Link::admit(&shared.registry, shared.config.limits(), sock, peer) else {
         return; // over max_connections: closed without reading
     };
@@ -165,6 +183,7 @@ fn admit(shared: &Arc<Shared>, sock: Socket, peer: std::net::SocketAddr) {
             serve(&thread_shared, link);
         }
     });
+    drop(admitting);
     match spawned {
         Ok(thread) => shared.threads.push(thread),
         Err(err) => {
@@ -211,6 +230,7 @@ fn serve(shared: &Shared, mut link: Link) {
         link.ready(
             revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
             revents & libc::POLLOUT != 0,
+            false,
         );
     }
 }

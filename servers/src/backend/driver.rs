@@ -55,6 +55,10 @@ pub(crate) struct Link {
     readable: bool,
     /// Whether the socket may take output (cleared by WouldBlock).
     writable: bool,
+    /// Whether the poller reported the peer's FIN or an error. A short read
+    /// then does not mean the queue is drained: the EOF or error is still
+    /// behind the data, and an edge-triggered poller will not report it again.
+    read_closed: bool,
     /// The earliest deadline this link has in [`Timers`], if any.
     pub scheduled: Option<Instant>,
 }
@@ -72,6 +76,7 @@ impl Link {
             stop_seen: false,
             readable: true,
             writable: true,
+            read_closed: false,
             scheduled: None,
         })
     }
@@ -96,10 +101,12 @@ impl Link {
         self.stop_seen
     }
 
-    /// Records readiness reported by poll/epoll.
-    pub fn ready(&mut self, readable: bool, writable: bool) {
+    /// Records readiness reported by poll/epoll; `read_closed` when the
+    /// report includes the peer's FIN (EPOLLRDHUP) or an error.
+    pub fn ready(&mut self, readable: bool, writable: bool, read_closed: bool) {
         self.readable |= readable;
         self.writable |= writable;
+        self.read_closed |= read_closed;
     }
 
     /// Closes the connection because the backend cannot serve it (e.g. no
@@ -164,7 +171,7 @@ impl Link {
                     Ok(n) => {
                         // A short read drained the kernel's queue: a later
                         // arrival is a new readiness event, even edge-triggered.
-                        self.readable = n == scratch.capacity();
+                        self.readable = n == scratch.capacity() || self.read_closed;
                         conn.on_read(scratch, now, handle);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => self.readable = false,

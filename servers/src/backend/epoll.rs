@@ -158,10 +158,8 @@ impl<'a> EventLoop<'a> {
                     Token(token) => {
                         let key = token - FIRST;
                         let Some(link) = self.links.get_mut(key) else { continue };
-                        link.ready(
-                            event.is_readable() || event.is_read_closed() || event.is_error(),
-                            event.is_writable(),
-                        );
+                        let closed = event.is_read_closed() || event.is_error();
+                        link.ready(event.is_readable() || closed, event.is_writable(), closed);
                         let hangup = event.is_error() || (event.is_read_closed() && event.is_write_closed());
                         self.step(key, hangup);
                     }

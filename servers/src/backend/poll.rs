@@ -161,6 +161,7 @@ impl<'a> PollLoop<'a> {
                 link.ready(
                     revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
                     revents & libc::POLLOUT != 0,
+                    false,
                 );
                 self.step(key, hangup);
             }

@@ -388,7 +388,7 @@ fn work(shared: &Shared, jobs: &Receiver<Job>) {
     let _alive = shared.registry.thread_guard();
     let mut scratch: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     for Job { key, mut link, readable, writable, hangup } in jobs.iter() {
-        link.ready(readable, writable);
+        link.ready(readable, writable, false);
         let mut hangup = hangup;
         loop {
             let next = link.drive(&mut scratch, shared.grace_end.get().copied(), hangup);

@@ -391,7 +391,10 @@ class Context:
         problems = []
         for guard, handle in self.guards:
             if isinstance(handle, ChildHandle):
-                # A child is checked while it runs (it is gone after), once clients are closed.
+                # A child is checked while it runs (it is gone after), once clients are closed; one
+                # the scenario stopped itself has no fds or threads left to count.
+                if handle.child.poll() is not None:
+                    guard.pid = None
                 problems += guard.check(handle.address[1])
                 handle.close()
             elif isinstance(handle, InProcessHandle):
