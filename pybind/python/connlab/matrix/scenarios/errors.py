@@ -1,1 +1,348 @@
-"""Scenarios of the errors category (see docs/MATRIX.md)."""
+"""Errors: a killed client, an oversized header, aborts (RST) in every state, random bytes."""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+
+from connlab.client import HEADER, abort, encode, read_frame, read_to_eof, wait_until
+from connlab.matrix.checks import expect_reason, journal, quiescent, stats_delta, within_timeout_window
+from connlab.matrix.core import Context, Handle, Skip, check, scenario
+
+# E1's client: connects, sends a header and half of the body it announces, says so, and waits to
+# be killed. Plain sockets, so the child starts fast and owns nothing but its one connection.
+_HALF_FRAME_CLIENT = """
+import socket, sys, time
+host, port, body = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sock = socket.create_connection((host, port), timeout=5)
+sock.sendall(body.to_bytes(4, "big") + b"k" * (body // 2))
+print("sent", *sock.getsockname()[:2], flush=True)
+time.sleep(60)
+"""
+
+
+def conn_of(handle: Handle, peer: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The server's `connections()` entry for the client `peer`, if it holds one."""
+    for conn in handle.connections() or []:
+        if conn["peer"] == tuple(peer[:2]):
+            return conn
+    return None
+
+
+def wait_consumed(handle: Handle, peer: tuple[Any, ...], n: int, state: str | None = None) -> bool:
+    """Waits until the server has read `n` bytes of `peer` (and shows it in `state`); False when the
+    target has no `connections()`, so the caller knows nothing was waited for."""
+    if handle.connections() is None:
+        return False
+
+    def there() -> dict[str, Any] | None:
+        conn = conn_of(handle, peer)
+        if conn and conn["bytes_in"] == n and (state is None or conn["state"] == state):
+            return conn
+        return None
+
+    wait_until(there, what=f"server read {n} bytes of {peer}" + (f" in {state}" if state else ""))
+    return True
+
+
+def still_serves(ctx: Context, handle: Handle, what: str) -> None:
+    """A new connection gets its echo: the server is alive and accepting."""
+    with ctx.connect(handle) as again:
+        again.sendall(encode(b"still serving"))
+        check(read_frame(again) == b"still serving", f"{what}: a new connection was not served")
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process `pid` has open: readlinks of /proc/PID/fd, cheap to poll
+    where reading the kernel's TCP tables is not (they can hold 100 000 TIME_WAIT rows)."""
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return inodes
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[len("socket:[") : -1]))
+    return inodes
+
+
+def accepted_socket(handle: Handle, before: set[int], client: socket.socket) -> int | None:
+    """The inode of the server's socket for `client` once accepted: the one socket its process
+    opened since `before` (the client's own left out when the server runs in this process).
+    None without a pid."""
+    if handle.pid is None:
+        return None
+    pid, own = handle.pid, {os.fstat(client.fileno()).st_ino}
+    new = wait_until(lambda: socket_inodes(pid) - before - own, what="the server accepted the connection")
+    check(len(new) == 1, f"the server opened {len(new)} sockets for one connection")
+    return new.pop()
+
+
+def wait_fd_closed(handle: Handle, inode: int | None) -> None:
+    """Waits until the server's process no longer holds the socket `inode` (if known)."""
+    if inode is not None and handle.pid is not None:
+        pid = handle.pid
+        wait_until(lambda: inode not in socket_inodes(pid), what=f"server closed the fd of socket {inode}")
+
+
+@scenario("E1", "error", "client process killed (SIGKILL) in the middle of a frame")
+def e1(ctx: Context) -> None:
+    server = ctx.server()
+    body = min(1000, int(server.kwargs["max_frame"]))
+    before = ctx.stats(server, "truncated_frames +1")
+    host, port = server.address
+    argv = [sys.executable, "-c", _HALF_FRAME_CLIENT, host, str(port), str(body)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        try:
+            assert child.stdout is not None and child.stderr is not None
+            words = child.stdout.readline().split()
+            if not words or words[0] != "sent":
+                child.kill()
+                raise AssertionError(f"client process did not send: {child.stderr.read().strip()}")
+            peer = (words[1], int(words[2]))
+            # The kill must land while the server holds the partial frame, not before it read it.
+            wait_consumed(server, peer, HEADER.size + body // 2, "ReadingBody")
+        finally:
+            child.kill()
+            child.wait()
+    after = quiescent(ctx, server)
+    expect_reason(ctx, server, peer, "eof")
+    if before is not None and after is not None:
+        delta = stats_delta(before, after, "truncated_frames")
+        check(delta == 1, f"truncated_frames +{delta}, expected +1")
+        check(server.connections() == [], f"registry not empty: {server.connections()}")
+
+
+@scenario("E2", "error", "two good frames, then a header announcing max_frame + 1, then more bytes")
+def e2(ctx: Context) -> None:
+    server = ctx.server()
+    max_frame = int(server.kwargs["max_frame"])
+    before = ctx.stats(server, "body neither buffered nor echoed (frames, bytes_out, truncated_frames)")
+    client = ctx.connect(server)
+    peer = client.getsockname()
+    client.sendall(encode(b"one") + encode(b"two") + HEADER.pack(max_frame + 1) + b"x" * 4000)
+    try:
+        got = read_to_eof(client)  # raises on an RST
+    except ConnectionResetError:
+        raise AssertionError("the server reset the connection instead of closing it") from None
+    check(got == encode(b"one") + encode(b"two"), f"expected both answers then EOF, got {got[:64]!r}")
+    client.close()
+    after = quiescent(ctx, server)
+    expect_reason(ctx, server, peer, "protocol_error")
+    if before is not None and after is not None:
+        wanted = {"frames_in": 2, "frames_out": 2, "bytes_out": 2 * (4 + 3), "truncated_frames": 0}
+        for key, want in wanted.items():
+            delta = stats_delta(before, after, key)
+            check(delta == want, f"{key} +{delta}, expected +{want}")
+    still_serves(ctx, server, "after a protocol error")
+
+
+@scenario("E3", "error", "client sends a 1 MiB frame then aborts (SO_LINGER 0) before reading")
+def e3(ctx: Context) -> None:
+    server = ctx.server()
+    size = min(1 << 20, int(server.kwargs["max_frame"]))
+    if size < 1 << 20:
+        ctx.note(f"frame of {size} B (max_frame) instead of 1 MiB")
+    before = ctx.stats(server, "frames_in + truncated_frames +1")
+    sockets = socket_inodes(server.pid) if server.pid is not None else set()
+    client = ctx.connect(server, timeout=10)
+    peer = client.getsockname()
+    inode = accepted_socket(server, sockets, client)
+    client.sendall(encode(bytes(size)))
+    abort(client)
+    expect_reason(ctx, server, peer, "reset")
+    if inode is None:
+        ctx.note("process alive, fd closed: checked only as 'a new connection is served' (no pid)")
+    else:
+        assert server.pid is not None
+        check(psutil.pid_exists(server.pid), f"server process {server.pid} died")
+        wait_fd_closed(server, inode)
+    after = quiescent(ctx, server)
+    if before is not None and after is not None:
+        delta = stats_delta(before, after, "frames_in") + stats_delta(before, after, "truncated_frames")
+        check(delta == 1, f"frames_in + truncated_frames +{delta}, expected +1")
+    still_serves(ctx, server, "after an abort mid-frame")
+
+
+def small_rcvbuf_client(ctx: Context, handle: Handle, rcvbuf: int = 4096) -> socket.socket:
+    """A client whose receive buffer is set before connect (the window is fixed at the handshake)."""
+    host, port = handle.address
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    ctx.sockets.append(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(5.0)
+    sock.connect((host, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def pump_until_writing(ctx: Context, handle: Handle, sock: socket.socket, peer: tuple[Any, ...]) -> None:
+    """Pipelines frames without reading until the server holds answers it cannot write, so it stays
+    Writing until the RST. With `connections()`: until it shows Writing with a deep answer queue
+    (bytes read but not yet written): every frame's answer is Writing for a moment, but a queue
+    this deep means the socket refuses the server's writes (the client's 4 KiB window is shut).
+    Without it: until the client's sends stall, since the server only stops reading once its
+    queued output is over max_pending_output."""
+    frame = encode(bytes(min(64 << 10, int(handle.kwargs["max_frame"]))))
+    stream = memoryview(frame * 16)  # whole frames, so wrapping around keeps the framing
+    deep = min(1 << 20, int(handle.kwargs["max_pending_output"]) // 2)
+    stall = float(handle.kwargs["write_timeout"] or 0.5) / 4
+    has_view = handle.connections() is not None
+    if not has_view:
+        ctx.note("E4 Writing: inferred from the client's stalled sends (no connections() on this target)")
+    sock.setblocking(False)
+    offset, deadline = 0, time.monotonic() + 2.0
+    try:
+        while True:
+            conn = conn_of(handle, peer) if has_view else None
+            if conn and conn["state"] == "Writing" and conn["bytes_in"] - conn["bytes_out"] >= deep:
+                return
+            check(time.monotonic() < deadline, f"server never showed Writing with a {deep} B queue: {conn}")
+            try:
+                offset = (offset + sock.send(stream[offset:])) % len(stream)
+            except BlockingIOError:
+                _, writable, _ = select.select([], [sock], [], 0.005 if has_view else stall)
+                if not writable and not has_view:
+                    return
+    finally:
+        sock.settimeout(5.0)
+
+
+@scenario("E4", "error", "abortive close (RST) in Connecting, ReadingHeader, ReadingBody, Writing")
+def e4(ctx: Context) -> None:
+    server = ctx.server()
+    body = min(1000, int(server.kwargs["max_frame"]))
+    if body < 2:
+        raise Skip("needs max_frame >= 2 to hold a frame in ReadingBody")
+    has_view = server.connections() is not None
+    for state in ("Connecting", "ReadingHeader", "ReadingBody", "Writing"):
+        sockets = socket_inodes(server.pid) if server.pid is not None else set()
+        client = small_rcvbuf_client(ctx, server)
+        peer = client.getsockname()
+        inode = accepted_socket(server, sockets, client)
+        if state == "Connecting":
+            if not wait_consumed(server, peer, 0, "Connecting") and inode is None:
+                ctx.wait_active(server, 1)  # by the kernel's count of established sockets on the port
+        elif state == "ReadingHeader":
+            client.sendall(b"\x00\x00")
+            wait_consumed(server, peer, 2, "ReadingHeader")
+        elif state == "ReadingBody":
+            client.sendall(HEADER.pack(body) + b"b" * (body // 2))
+            wait_consumed(server, peer, HEADER.size + body // 2, "ReadingBody")
+        else:
+            pump_until_writing(ctx, server, client, peer)
+        abort(client)
+        expect_reason(ctx, server, peer, "reset")
+        steps = journal(ctx, server, peer)
+        if steps is not None:
+            last = steps[-1]
+            check(last[:2] == (state, "Closing"), f"RST in {state}: closed from {last}, journal {steps}")
+        wait_fd_closed(server, inode)
+        if has_view:
+            quiescent(ctx, server)
+    if not has_view:
+        ctx.note("E4 states: reached by the client's actions, not observed (no connections() on this target)")
+        quiescent(ctx, server)
+
+
+def reference_parse(stream: bytes, max_frame: int) -> tuple[list[bytes], str]:
+    """What DESIGN §2-§3 says a server answers to `stream` followed by silence: the answer frames
+    (the echo of every complete frame, in order), then the close reason. A header over max_frame
+    is a protocol_error; a partial frame (header or body) runs into read_timeout; a stream that
+    ends on a frame boundary leaves the connection idle, so idle_timeout."""
+    answers: list[bytes] = []
+    at = 0
+    while True:
+        rest = len(stream) - at
+        if rest == 0:
+            return answers, "idle_timeout"
+        if rest < HEADER.size:
+            return answers, "read_timeout"
+        (length,) = HEADER.unpack_from(stream, at)
+        if length > max_frame:
+            return answers, "protocol_error"
+        if rest - HEADER.size < length:
+            return answers, "read_timeout"
+        answers.append(stream[at : at + HEADER.size + length])
+        at += HEADER.size + length
+
+
+# With max_frame = 1 MiB: 0-2 start with an oversized header, 769 with a partial body, 57187 with
+# one whole frame and then an oversized header. The reference parse decides for any max_frame.
+E5_SEEDS = (0, 1, 2, 769, 57187)
+
+
+def read_all_to_eof(socks: list[socket.socket], limit: float) -> list[tuple[bytes, float | str]]:
+    """Reads every socket until EOF at once; per socket its bytes and the instant of its EOF (or
+    "reset" / "hang" if it was reset or not closed within `limit` s)."""
+    data = [bytearray() for _ in socks]
+    ends: list[float | str | None] = [None] * len(socks)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        waiting = [s for s, e in zip(socks, ends, strict=True) if e is None]
+        if not waiting:
+            break
+        readable, _, _ = select.select(waiting, [], [], max(0.0, deadline - time.monotonic()))
+        for sock in readable:
+            i = socks.index(sock)
+            try:
+                chunk = sock.recv(1 << 16)
+            except ConnectionResetError:
+                ends[i] = "reset"
+                continue
+            if chunk:
+                data[i] += chunk
+            else:
+                ends[i] = time.monotonic()
+    return [(bytes(d), "hang" if e is None else e) for d, e in zip(data, ends, strict=True)]
+
+
+@scenario("E5", "error", "64 KiB of random bytes, several seeds, then the client waits")
+def e5(ctx: Context) -> None:
+    server = ctx.server()
+    max_frame = int(server.kwargs["max_frame"])
+    timeouts = {r: float(server.kwargs[r] or 0) for r in ("idle_timeout", "read_timeout")}
+    streams = [random.Random(seed).randbytes(64 << 10) for seed in E5_SEEDS]
+    expected = [reference_parse(s, max_frame) for s in streams]
+    for (_, reason), seed in zip(expected, E5_SEEDS, strict=True):
+        if reason in timeouts and not timeouts[reason]:
+            raise Skip(f"seed {seed} ends in {reason}, which is disabled on this server")
+    before = ctx.stats(server, "frames_in, truncated_frames against the reference parse")
+    clients = [ctx.connect(server) for _ in streams]
+    starts = []
+    for client, stream in zip(clients, streams, strict=True):
+        starts.append(time.monotonic())  # before the send: no server clock can start earlier
+        client.sendall(stream)
+    limit = 2 * max(timeouts.values()) + 0.25 + 0.5
+    outcomes = read_all_to_eof(clients, limit)
+    cases = zip(E5_SEEDS, clients, starts, expected, outcomes, strict=True)
+    for seed, client, start, (answers, reason), (got, end) in cases:
+        check(end != "hang", f"seed {seed}: not closed within {limit:.2f} s (expected {reason})")
+        check(end != "reset", f"seed {seed}: reset instead of a graceful close ({reason})")
+        want = b"".join(answers)
+        check(got == want, f"seed {seed}: {len(got)} answer bytes, the reference parse gives {len(want)}")
+        if reason in timeouts:
+            assert isinstance(end, float)
+            within_timeout_window(ctx, end - start, timeouts[reason], f"seed {seed} {reason}")
+        peer = client.getsockname()
+        client.close()
+        expect_reason(ctx, server, peer, reason)
+    after = quiescent(ctx, server)
+    if before is not None and after is not None:
+        frames = sum(len(answers) for answers, _ in expected)
+        truncated = sum(reason == "read_timeout" for _, reason in expected)  # a partial frame each
+        for key, value in (("frames_in", frames), ("truncated_frames", truncated)):
+            delta = stats_delta(before, after, key)
+            check(delta == value, f"{key} +{delta}, the reference parse gives +{value}")

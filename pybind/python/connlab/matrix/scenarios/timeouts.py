@@ -1,1 +1,172 @@
-"""Scenarios of the timeouts category (see docs/MATRIX.md)."""
+"""Timeouts: idle, a partial header, a partial body, a slowloris, a reader that never reads."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import time
+
+from connlab import probe
+from connlab.client import HEADER, encode
+from connlab.matrix.checks import expect_reason, quiescent, stats_delta, timed_eof, within_timeout_window
+from connlab.matrix.core import IN_PROCESS, Context, Handle, Skip, check, scenario
+
+
+def timeout_of(handle: Handle, name: str) -> float:
+    """The server's `name` timeout in seconds; skips when that clock is disabled."""
+    value = handle.kwargs.get(name)
+    if not value:
+        raise Skip(f"{name} is disabled on this server")
+    return float(value)
+
+
+def timed_partial_frame(ctx: Context, server: Handle, sent: bytes) -> None:
+    """Sends `sent` (a partial frame), then waits: a read_timeout close in the window, truncated +1."""
+    limit = timeout_of(server, "read_timeout")
+    before = ctx.stats(server, "truncated_frames +1")
+    client = ctx.connect(server)
+    peer = client.getsockname()
+    started = time.monotonic()  # before the send: the server's clock cannot start earlier
+    client.sendall(sent)
+    elapsed = timed_eof(client, started, 2 * limit + 0.25)
+    within_timeout_window(ctx, elapsed, limit, "read_timeout")
+    client.close()
+    after = quiescent(ctx, server)
+    expect_reason(ctx, server, peer, "read_timeout")
+    if before is not None and after is not None:
+        delta = stats_delta(before, after, "truncated_frames")
+        check(delta == 1, f"truncated_frames +{delta}, expected +1")
+
+
+@scenario("T1", "timeout", "connect, send nothing")
+def t1(ctx: Context) -> None:
+    server = ctx.server()
+    limit = timeout_of(server, "idle_timeout")
+    started = time.monotonic()  # before connect: the server's clock cannot start earlier
+    client = ctx.connect(server)
+    peer = client.getsockname()
+    elapsed = timed_eof(client, started, 2 * limit + 0.25)
+    within_timeout_window(ctx, elapsed, limit, "idle_timeout")
+    client.close()
+    quiescent(ctx, server)
+    expect_reason(ctx, server, peer, "idle_timeout")
+
+
+@scenario("T2", "timeout", "3 of 4 header bytes, then silence")
+def t2(ctx: Context) -> None:
+    timed_partial_frame(ctx, ctx.server(), b"\x00\x00\x00")
+
+
+@scenario("T3", "timeout", "header and half the body, then silence")
+def t3(ctx: Context) -> None:
+    server = ctx.server()
+    body = min(1000, int(server.kwargs["max_frame"]))
+    if body < 2:
+        raise Skip("needs max_frame >= 2 for a frame with half a body")
+    timed_partial_frame(ctx, server, HEADER.pack(body) + b"t" * (body // 2))
+
+
+@scenario("T4", "timeout", "one byte every read_timeout/4 (slowloris)")
+def t4(ctx: Context) -> None:
+    server = ctx.server()
+    limit = timeout_of(server, "read_timeout")
+    # Long enough that dribbling it takes far longer than the window: only the frame's deadline ends it.
+    frame = encode(b"s" * min(64, int(server.kwargs["max_frame"])))
+    if len(frame) * limit / 4 < 2 * limit + 0.25 + limit:
+        raise Skip("max_frame too small to dribble past the read_timeout window")
+    before = ctx.stats(server, "truncated_frames +1")
+    client = ctx.connect(server)
+    peer = client.getsockname()
+    started = time.monotonic()  # before the first byte: the frame's clock cannot start earlier
+    closed_at = None
+    for i in range(len(frame)):
+        try:
+            client.sendall(frame[i : i + 1])
+        except (ConnectionResetError, BrokenPipeError):
+            raise AssertionError(f"the server reset the connection after {i} bytes") from None
+        next_send = started + (i + 1) * limit / 4
+        while closed_at is None and (wait := next_send - time.monotonic()) > 0:
+            readable, _, _ = select.select([client], [], [], wait)
+            if readable:
+                try:
+                    chunk = client.recv(4096)
+                except ConnectionResetError:
+                    raise AssertionError("the server reset the connection instead of closing it") from None
+                check(chunk == b"", f"unexpected answer to a partial frame: {chunk!r}")
+                closed_at = time.monotonic()
+        if closed_at is not None:
+            break
+        check(time.monotonic() - started <= 2 * limit + 0.25,
+              f"slowloris still connected after {time.monotonic() - started:.2f} s "
+              f"({i + 1} bytes): the read deadline does not cover the whole frame")  # fmt: skip
+    check(closed_at is not None, "the whole frame was dribbled without a close")
+    assert closed_at is not None
+    within_timeout_window(ctx, closed_at - started, limit, "read_timeout from the frame's first byte")
+    client.close()
+    after = quiescent(ctx, server)
+    expect_reason(ctx, server, peer, "read_timeout")
+    if before is not None and after is not None:
+        delta = stats_delta(before, after, "truncated_frames")
+        check(delta == 1, f"truncated_frames +{delta}, expected +1")
+
+
+def server_rss(ctx: Context, handle: Handle) -> int | None:
+    """The server process's RSS (this process for an in-process server), or None (noted)."""
+    if handle.pid is None:
+        ctx.note("server RSS: not checked (no pid for this target)")
+        return None
+    return probe.rss_bytes(handle.pid)
+
+
+@scenario("T5", "timeout", "pipelines frames and never reads (slow reader)")
+def t5(ctx: Context) -> None:
+    server = ctx.server()
+    limit = timeout_of(server, "write_timeout")
+    max_frame = int(server.kwargs["max_frame"])
+    bound = max_frame + int(server.kwargs["max_pending_output"]) + (1 << 20)
+    stream = memoryview(encode(bytes(min(64 << 10, max_frame))) * 16)  # whole frames: wrapping keeps framing
+    # Well under the write timeout: a send blocked this long means the server stopped reading.
+    stall = limit / 5
+    if ctx.target.kind == IN_PROCESS:
+        ctx.note("server RSS: this process's (the server runs in it)")
+    rss_before = server_rss(ctx, server)
+    client = ctx.connect(server)
+    peer = client.getsockname()
+    client.setblocking(False)
+    offset, sent, last_send = 0, 0, time.monotonic()
+    cap = 16 * bound + (64 << 20)  # far past every buffer on the way: the sends never stalled
+    while True:
+        try:
+            n = client.send(stream[offset:])
+        except BlockingIOError:
+            _, writable, _ = select.select([], [client], [], stall)
+            if not writable:
+                break  # stalled: backpressure
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            raise AssertionError(f"reset after {sent} bytes, before the client's sends stalled") from None
+        offset, sent, last_send = (offset + n) % len(stream), sent + n, time.monotonic()
+        check(sent < cap, f"{sent} bytes sent and the sends never stalled: no backpressure")
+    if rss_before is not None:
+        rss = server_rss(ctx, server)
+        assert rss is not None
+        growth = rss - rss_before
+        check(growth < bound, f"server RSS grew {growth / 2**20:.1f} MiB with the slow reader "
+              f"(bound max_frame + max_pending_output + 1 MiB = {bound / 2**20:.1f} MiB)")  # fmt: skip
+    # The write_timeout close is abortive: the client sees the RST as an error on its socket,
+    # without reading. The server's clock started at its last accepted write, which came before
+    # the client's last accepted send, so only the upper end of the window applies here.
+    poller = select.poll()
+    poller.register(client, select.POLLERR | select.POLLHUP | select.POLLRDHUP)
+    window = 2 * limit + 0.25 - (time.monotonic() - last_send)
+    events = poller.poll(max(0.0, window) * 1000)
+    elapsed = time.monotonic() - last_send
+    check(events, f"slow reader still connected {elapsed:.2f} s after its last send "
+          f"(write_timeout {limit} s)")  # fmt: skip
+    err = client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    check(err == errno.ECONNRESET, f"expected an abortive close (RST), socket error {os.strerror(err)!r}")
+    client.close()
+    quiescent(ctx, server)
+    expect_reason(ctx, server, peer, "write_timeout")
