@@ -14,7 +14,7 @@ export PIP_QUIET := 1
 
 help:
 	@echo "make test     set up, then fmt check, clippy -D warnings, cargo test, ruff, pytest"
-	@echo "make compare  set up, then run the lifecycle scenarios over every backend as a grid"
+	@echo "make compare  set up, then the matrix and the benchmark over every backend, as reports/latest/"
 	@echo "make build    build the native module into .venv (release)"
 	@echo "make lint     cargo fmt --check, clippy -D warnings, ruff"
 	@echo "make fmt      format Rust and Python sources"
@@ -51,7 +51,7 @@ py-test: build
 test: lint rust-test py-test
 
 compare: build
-	$(BIN)/pytest -m connlab_scenario --connlab-grid -q
+	$(BIN)/connlab compare --out reports/latest
 
 clean:
 	rm -rf $(VENV) target

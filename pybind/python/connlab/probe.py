@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -264,6 +266,66 @@ def _tcp_rows(net_dir: str) -> Iterator[tuple[int, int, int, tuple[str, str, str
             yield local_port, int(cols[3], 16), int(cols[9]), (table, cols[1], cols[2])
 
 
+# netlink sock_diag (what `ss` uses): the kernel filters by port and answers from a consistent
+# walk of its tables, where /proc/net/tcp is read in pages while sockets come and go.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+_DIAG_REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2: family, protocol, ext, pad, states
+_SOCKID = struct.Struct(">HH16s16sI8s")  # inet_diag_sockid: sport, dport, src, dst, if, cookie
+_DIAG_MSG_HEAD = struct.Struct("=BBBB")  # inet_diag_msg: family, state, timer, retrans, then the id
+_DIAG_MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
+_TCP_LISTEN = 10
+_TCP_NEW_SYN_RECV = 12  # a request socket; /proc/net/tcp shows it as SYN_RECV
+_ALL_BUT_LISTEN = ((1 << 13) - 1) & ~(1 << _TCP_LISTEN)
+
+
+def diag_sockets(port: int, listen: bool = False) -> list[tuple[str, int, int]]:
+    """(state name, inode, receive queue) of every TCP socket whose local port is `port`, IPv4
+    and IPv6, in this network namespace: the LISTEN ones with `listen` (their receive queue is
+    the accept queue's length), the others without. Raises OSError where sock_diag is missing."""
+    found: list[tuple[str, int, int]] = []
+    states = 1 << _TCP_LISTEN if listen else _ALL_BUT_LISTEN
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, states)
+            req += _SOCKID.pack(port, 0, bytes(16), bytes(16), 0, b"\xff" * 8)
+            flags = _NLM_F_REQUEST | _NLM_F_DUMP
+            nl.send(_NLMSG.pack(_NLMSG.size + len(req), _SOCK_DIAG_BY_FAMILY, flags, 1, 0) + req)
+            while True:
+                data, off, done = nl.recv(1 << 20), 0, False
+                while off + _NLMSG.size <= len(data):
+                    length, kind, *_ = _NLMSG.unpack_from(data, off)
+                    if kind == _NLMSG_DONE:
+                        done = True
+                        break
+                    body = off + _NLMSG.size
+                    if kind == _NLMSG_ERROR:
+                        (err,) = struct.unpack_from("=i", data, body)
+                        raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
+                    _, state, _, _ = _DIAG_MSG_HEAD.unpack_from(data, body)
+                    sport = _SOCKID.unpack_from(data, body + _DIAG_MSG_HEAD.size)[0]
+                    tail = _DIAG_MSG_TAIL.unpack_from(data, body + _DIAG_MSG_HEAD.size + _SOCKID.size)
+                    rqueue, inode = tail[1], tail[4]
+                    if sport == port:
+                        name = "SYN_RECV" if state == _TCP_NEW_SYN_RECV else TCP_STATES.get(state, str(state))
+                        found.append((name, inode, rqueue))
+                    off += (length + 3) & ~3
+                if done:
+                    break
+    return found
+
+
+def accept_queue(port: int) -> int | None:
+    """Connections waiting in the accept queue of the listener on `port`; None without sock_diag."""
+    try:
+        return sum(rqueue for _, _, rqueue in diag_sockets(port, listen=True))
+    except OSError:
+        return None
+
+
 def port_view(port: int, pid: int | None = None) -> PortView:
     """Count the server-side sockets whose LOCAL port is `port`, by TCP state, LISTEN excluded.
 
@@ -280,6 +342,15 @@ def port_view(port: int, pid: int | None = None) -> PortView:
     if pid is not None:
         owned = _socket_inodes(pid)
         net_dir = f"/proc/{pid}/net"
+    if pid is None or _same_netns(pid):
+        try:
+            counts: dict[str, int] = {}
+            for name, inode, _ in diag_sockets(port):
+                if owned is None or inode in owned:
+                    counts[name] = counts.get(name, 0) + 1
+            return PortView(port=port, pid=pid, counts=counts)
+        except OSError:
+            pass  # no sock_diag here: read the tables
     # The kernel does not snapshot these tables: a row can be read twice while other sockets come
     # and go in the same hash chain. A TCP socket is one (local, remote) pair, so count each once.
     seen: dict[tuple[str, str, str], int] = {}
@@ -289,11 +360,19 @@ def port_view(port: int, pid: int | None = None) -> PortView:
         if owned is not None and inode not in owned:
             continue
         seen[key] = state
-    counts: dict[str, int] = {}
+    counts = {}
     for state in seen.values():
         name = TCP_STATES.get(state, f"UNKNOWN_{state:02X}")
         counts[name] = counts.get(name, 0) + 1
     return PortView(port=port, pid=pid, counts=counts)
+
+
+def _same_netns(pid: int) -> bool:
+    """Whether process `pid` shares this process's network namespace."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
+    except OSError:
+        return False
 
 
 def owned_server_sockets(port: int, pid: int | None = None) -> int:

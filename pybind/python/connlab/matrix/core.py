@@ -275,7 +275,8 @@ class Target:
             ]
         if self.kind == COMMAND:
             assert self.command is not None
-            return shlex.split(self.command)
+            # A command that takes its port as {port} gets a free one per launch.
+            return shlex.split(self.command.replace("{port}", str(free_port())))
         raise Skip("needs the server in a child process: give --serve-cmd instead of --target")
 
     def child(self, options: Options, overrides: dict[str, Any], nofile: int | None = None) -> ChildHandle:
@@ -284,6 +285,13 @@ class Target:
         if self.kind == COMMAND:
             _require_defaults(overrides, options, "the server command is run as given")
         return ChildHandle(self.argv(kwargs), kwargs, nofile=nofile)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the kernel's choice for an ephemeral bind)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def _require_defaults(overrides: dict[str, Any], options: Options, why: str) -> None:

@@ -24,6 +24,7 @@ from connlab.client import abort, encode, read_frame, recv_exact, wait_until
 from connlab.footprint import raise_nofile
 from connlab.matrix.checks import stats_delta
 from connlab.matrix.core import ChildHandle, Context, Failed, Handle, LeakGuard, Skip, check, scenario
+from connlab.probe import accept_queue, diag_sockets
 
 #: MATRIX.md's churn: 1000 cycles of 10 simultaneous connections.
 CYCLES = 1000
@@ -50,68 +51,6 @@ IO_TIMEOUT = 5.0
 # counts some sockets twice or misses some; 1000 steady connections read as 1000 to 1237. A
 # netlink dump filtered by port in the kernel resumes only where a message fills, within one
 # hash bucket, and takes 10 ms instead of 200.
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
-_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
-_DIAG_REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2: family, protocol, ext, pad, states
-_SOCKID = struct.Struct(">HH16s16sI8s")  # inet_diag_sockid: sport, dport, src, dst, if, cookie
-_DIAG_MSG_HEAD = struct.Struct("=BBBB")  # inet_diag_msg: family, state, timer, retrans, then the id
-_DIAG_MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
-_TCP_LISTEN = 10
-_TCP_NEW_SYN_RECV = 12  # a request socket; /proc/net/tcp shows it as SYN_RECV
-_ALL_BUT_LISTEN = ((1 << 13) - 1) & ~(1 << _TCP_LISTEN)
-
-
-def diag_sockets(port: int, listen: bool = False) -> list[tuple[str, int, int]]:
-    """(state name, inode, receive queue) of every TCP socket whose local port is `port`, IPv4
-    and IPv6, in this network namespace: the LISTEN ones with `listen` (their receive queue is
-    the accept queue's length), the others without. Raises OSError where sock_diag is missing."""
-    found: list[tuple[str, int, int]] = []
-    states = 1 << _TCP_LISTEN if listen else _ALL_BUT_LISTEN
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, states)
-            req += _SOCKID.pack(port, 0, bytes(16), bytes(16), 0, b"\xff" * 8)
-            flags = _NLM_F_REQUEST | _NLM_F_DUMP
-            nl.send(_NLMSG.pack(_NLMSG.size + len(req), _SOCK_DIAG_BY_FAMILY, flags, 1, 0) + req)
-            while True:
-                data, off, done = nl.recv(1 << 20), 0, False
-                while off + _NLMSG.size <= len(data):
-                    length, kind, *_ = _NLMSG.unpack_from(data, off)
-                    if kind == _NLMSG_DONE:
-                        done = True
-                        break
-                    body = off + _NLMSG.size
-                    if kind == _NLMSG_ERROR:
-                        (err,) = struct.unpack_from("=i", data, body)
-                        raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
-                    _, state, _, _ = _DIAG_MSG_HEAD.unpack_from(data, body)
-                    sport = _SOCKID.unpack_from(data, body + _DIAG_MSG_HEAD.size)[0]
-                    tail = _DIAG_MSG_TAIL.unpack_from(data, body + _DIAG_MSG_HEAD.size + _SOCKID.size)
-                    rqueue, inode = tail[1], tail[4]
-                    if sport == port:
-                        name = (
-                            "SYN_RECV"
-                            if state == _TCP_NEW_SYN_RECV
-                            else probe.TCP_STATES.get(state, str(state))
-                        )
-                        found.append((name, inode, rqueue))
-                    off += (length + 3) & ~3
-                if done:
-                    break
-    return found
-
-
-def accept_queue(port: int) -> int | None:
-    """Connections waiting in the accept queue of the listener on `port`; None without sock_diag."""
-    try:
-        return sum(rqueue for _, _, rqueue in diag_sockets(port, listen=True))
-    except OSError:
-        return None
-
-
 def _proc_sockets(port: int) -> list[tuple[str, int]]:
     """(state name, inode) of the non-LISTEN sockets on local `port` from /proc/net/tcp, which
     is no snapshot (see `diag_sockets`): only where sock_diag is missing."""
