@@ -117,3 +117,39 @@ def test_help_explains_every_option() -> None:
         "--max-frame",
     ):
         assert option in text
+
+
+SERVE_FLAGS = "--idle-timeout 0.5 --read-timeout 0.5 --write-timeout 0.5 --workers 2"
+
+
+def test_whole_matrix_against_a_server_command(tmp_path: Path) -> None:
+    """Every scenario that applies to a launched server passes; the rest skip with a reason."""
+    out = tmp_path / "m.json"
+    cmd = f"{shlex.quote(sys.executable)} -m connlab serve --backend epoll --port 0 {SERVE_FLAGS}"
+    code, text = matrix("--serve-cmd", cmd, "--json", str(out), timeout=600)
+    results = json.loads(out.read_text())["results"]
+    assert code == 0, text
+    skipped = {r["scenario"]: r["detail"] for r in results if r["status"] == "skip"}
+    # P2 needs max_connections=50, S4 a {port} placeholder: the command cannot be given either.
+    assert set(skipped) == {"P2", "S4"}, skipped
+    assert all(r["status"] == "pass" for r in results if r["scenario"] not in skipped)
+
+
+def test_whole_matrix_against_a_running_server_with_pid(tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    serve = [sys.executable, "-m", "connlab", "serve", "--backend", "poll", "--port", "0", *SERVE_FLAGS.split()]
+    child = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        address = json.loads(child.stdout.readline())["address"]
+        code, text = matrix("--target", address, "--pid", str(child.pid), "--json", str(out), timeout=600)
+    finally:
+        child.terminate()
+        child.wait(timeout=10)
+        child.stdout.close()  # type: ignore[union-attr]
+    results = json.loads(out.read_text())["results"]
+    assert code == 0, text
+    skipped = {r["scenario"] for r in results if r["status"] == "skip"}
+    # What needs the matrix to stop, restart or relaunch the server, or to configure it.
+    assert skipped == {"C2", "L2", "P2", "P3", "S1", "S2", "S3", "S4"}, skipped
+    assert len(results) == 31

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import resource
-import selectors
 import signal
 import subprocess
 import sys
@@ -12,13 +11,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import psutil
 import pytest
 
 import connlab
 from conftest import ServerFactory
 from connlab import probe
-from connlab.client import connect, encode, read_frame, recv_exact, wait_until
+from connlab.client import connect, encode, read_frame, wait_until
 
 SERVE = [sys.executable, "-m", "connlab", "serve"]
 
@@ -91,50 +89,6 @@ def test_serve_rejects_bad_options_clearly(args: list[str], message: str) -> Non
     result = subprocess.run([*SERVE, *args], check=False, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert message in result.stderr
-
-
-def _served(clients: list, timeout: float) -> set[int]:
-    """Indices of the clients whose echo arrives within `timeout`."""
-    sel = selectors.DefaultSelector()
-    for i, client in enumerate(clients):
-        sel.register(client, selectors.EVENT_READ, i)
-    done: set[int] = set()
-    deadline = time.monotonic() + timeout
-    while len(done) < len(clients) and (left := deadline - time.monotonic()) > 0:
-        for key, _ in sel.select(left):
-            assert recv_exact(key.fileobj, 8) == encode(b"ping")  # type: ignore[arg-type]
-            sel.unregister(key.fileobj)
-            done.add(key.data)
-    sel.close()
-    return done
-
-
-def test_fd_exhaustion_neither_spins_nor_stops_serving(connlab_backend: str) -> None:
-    """P3: RLIMIT_NOFILE = 64 and 100 clients. accept fails with EMFILE; the server backs off
-    (no CPU burn), keeps serving what it holds, and serves the queued clients once fds free up."""
-    with serve(connlab_backend, "--idle-timeout", "30", nofile=64) as (child, listening):
-        address = (listening["host"], listening["port"])
-        clients = [connect(address, timeout=5) for _ in range(100)]
-        try:
-            for client in clients:
-                client.sendall(encode(b"ping"))
-            first = _served(clients, timeout=2.0)
-            assert 20 <= len(first) < 100, len(first)
-            proc = psutil.Process(child.pid)
-            cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
-            time.sleep(2.0)  # the measurement window itself, not a wait for a condition
-            cpu = (sum(proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
-            assert cpu < 0.10, f"server burned {cpu:.1%} of a core while out of fds"
-            for i in first:
-                clients[i].close()
-            rest = [c for i, c in enumerate(clients) if i not in first]
-            served_later = _served(rest, timeout=1.5)
-            assert len(served_later) == len(rest), f"{len(rest) - len(served_later)} never served"
-        finally:
-            for client in clients:
-                client.close()
-        child.send_signal(signal.SIGTERM)
-        assert child.wait(timeout=10) == 0
 
 
 def test_idle_server_uses_no_cpu(make_server: ServerFactory) -> None:
