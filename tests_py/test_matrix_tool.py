@@ -137,7 +137,7 @@ def test_whole_matrix_against_a_server_command(tmp_path: Path) -> None:
 
 def test_whole_matrix_against_a_running_server_with_pid(tmp_path: Path) -> None:
     out = tmp_path / "m.json"
-    serve = [sys.executable, "-m", "connlab", "serve", "--backend", "poll", "--port", "0", *SERVE_FLAGS.split()]
+    serve = [*CONNLAB, "serve", "--backend", "poll", "--port", "0", *SERVE_FLAGS.split()]
     child = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
