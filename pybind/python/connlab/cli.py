@@ -11,48 +11,36 @@ from collections.abc import Sequence
 
 from connlab import perf_cli
 from connlab._native import BACKENDS, Server
+from connlab.argtypes import non_negative_float, non_negative_int
 from connlab.matrix.cli import add_matrix_parser, run_matrix
-
-
-def _non_negative(kind: type[int] | type[float]):
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
-        return value
-
-    return parse
 
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
     """The server's configuration, one option per `connlab.Server` argument."""
     g = parser.add_argument_group("server configuration (as connlab.Server)")
     g.add_argument("--host", default="127.0.0.1", help="IP address to listen on (default: %(default)s)")
-    g.add_argument("--port", type=_non_negative(int), default=0, help="port; 0 picks a free one (default: 0)")
+    g.add_argument("--port", type=non_negative_int, default=0, help="port; 0 picks a free one (default: 0)")
     g.add_argument(
         "--workers",
-        type=_non_negative(int),
+        type=non_negative_int,
         default=None,
         help="worker threads for pooled backends (default: number of cores)",
     )
     g.add_argument(
         "--max-connections",
-        type=_non_negative(int),
+        type=non_negative_int,
         default=10_000,
         help="connections over this are accepted and closed at once (default: %(default)s)",
     )
     g.add_argument(
         "--max-frame",
-        type=_non_negative(int),
+        type=non_negative_int,
         default=1 << 20,
         help="largest frame body in bytes; a larger header is a protocol error (default: %(default)s)",
     )
     g.add_argument(
         "--max-pending-output",
-        type=_non_negative(int),
+        type=non_negative_int,
         default=4 << 20,
         help="queued answer bytes above which reading pauses (default: %(default)s)",
     )
@@ -63,17 +51,17 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     ):
         g.add_argument(
             f"--{name}-timeout",
-            type=_non_negative(float),
+            type=non_negative_float,
             default=default,
             metavar="SECONDS",
             help=f"close after this long with {what}; 0 disables (default: {default})",
         )
     g.add_argument(
-        "--backlog", type=_non_negative(int), default=1024, help="listen backlog (default: %(default)s)"
+        "--backlog", type=non_negative_int, default=1024, help="listen backlog (default: %(default)s)"
     )
     g.add_argument(
         "--journal-capacity",
-        type=_non_negative(int),
+        type=non_negative_int,
         default=0,
         help="transition journal entries kept; 0 turns it off (default: 0 for serve)",
     )
@@ -149,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", required=True, choices=BACKENDS, help="the server architecture to run")
     serve.add_argument(
         "--grace",
-        type=_non_negative(float),
+        type=non_negative_float,
         default=1.0,
         metavar="SECONDS",
         help="time given to busy connections to finish when stopping (default: %(default)s)",

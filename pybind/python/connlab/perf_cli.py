@@ -16,6 +16,7 @@ from rich.table import Table
 
 from connlab import matrix, report, targets
 from connlab._native import BACKENDS
+from connlab.argtypes import positive_float, positive_int
 from connlab.bench import BenchConfig, default_workloads, machine, run_bench
 from connlab.soak import Sample, SoakConfig, run_soak
 
@@ -30,19 +31,6 @@ def _int_list(text: str) -> list[int]:
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
     return values
-
-
-def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
 
 
 def _churn(text: str) -> tuple[int, int]:
@@ -73,21 +61,21 @@ def _bench_options(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
     )
     g.add_argument(
         "--repetitions",
-        type=_positive(int),
+        type=positive_int,
         default=3,
         metavar="N",
         help="interleaved repetitions; figures are medians with min-max (default: 3)",
     )
     g.add_argument(
         "--duration",
-        type=_positive(float),
+        type=positive_float,
         default=2.0,
         metavar="S",
         help="measured seconds per load run (default: 2.0)",
     )
     g.add_argument(
         "--warmup",
-        type=_positive(float),
+        type=positive_float,
         default=0.5,
         metavar="S",
         help="seconds of load before measuring, not counted (default: 0.5)",
@@ -101,7 +89,7 @@ def _bench_options(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
     )
     g.add_argument(
         "--rate",
-        type=_positive(int),
+        type=positive_int,
         default=20_000,
         metavar="FRAMES/S",
         help="open-loop rate across 100 connections (default: 20000)",
@@ -120,7 +108,7 @@ def _bench_options(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
         metavar="LIST",
         help="idle connection counts for memory per connection (default: 0,1000,5000)",
     )
-    g.add_argument("--workers", type=_positive(int), default=2, help="workers of pool and tokio (default: 2)")
+    g.add_argument("--workers", type=positive_int, default=2, help="workers of pool and tokio (default: 2)")
     g.add_argument(
         "--pin",
         action="store_true",
@@ -128,7 +116,7 @@ def _bench_options(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
     )
     g.add_argument(
         "--gen-threads",
-        type=_positive(int),
+        type=positive_int,
         default=None,
         metavar="N",
         help="load generator threads (default: 1, or 2 from 512 connections)",
@@ -347,45 +335,45 @@ def add_parsers(sub: Any) -> None:
     )
     soak.add_argument("--backend", required=True, choices=BACKENDS, help="the backend to soak")
     soak.add_argument(
-        "--connections", type=_positive(int), default=1000, help="persistent connections (default: 1000)"
+        "--connections", type=positive_int, default=1000, help="persistent connections (default: 1000)"
     )
     soak.add_argument(
         "--ramp-rate",
-        type=_positive(float),
+        type=positive_float,
         default=500.0,
         metavar="CONN/S",
         help="new connections per second while ramping up (default: 500)",
     )
     soak.add_argument(
         "--interval",
-        type=_positive(float),
+        type=positive_float,
         default=1.0,
         metavar="S",
         help="seconds between one connection's frames (default: 1.0)",
     )
     soak.add_argument(
         "--duration",
-        type=_positive(float),
+        type=positive_float,
         default=60.0,
         metavar="S",
         help="length of the run, ramp included (default: 60)",
     )
     soak.add_argument(
         "--sample-every",
-        type=_positive(float),
+        type=positive_float,
         default=2.0,
         metavar="S",
         help="seconds between samples (default: 2.0)",
     )
     soak.add_argument(
-        "--workers", type=_positive(int), default=2, help="workers of pool and tokio (default: 2)"
+        "--workers", type=positive_int, default=2, help="workers of pool and tokio (default: 2)"
     )
     soak.add_argument(
         "--max-phantoms", type=int, default=0, metavar="N", help="phantoms allowed at any sample (default: 0)"
     )
     soak.add_argument(
         "--max-error-rate",
-        type=_positive(float),
+        type=positive_float,
         default=0.01,
         metavar="FRACTION",
         help="errors allowed as a fraction of frames (default: 0.01)",

@@ -13,24 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from connlab._native import BACKENDS
+from connlab.argtypes import positive_float, positive_int
 from connlab.matrix import report
 from connlab.matrix.core import Options, Result, Target, run_one, select
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
 
 
 def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> None:
@@ -59,7 +44,7 @@ def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> No
         help="a command that starts a server and prints a line containing its host:port; "
         "SIGTERM must ask it to stop. Launched afresh for each scenario",
     )
-    p.add_argument("--pid", type=_positive_int, help="with --target: the server's pid, for fd/thread checks")
+    p.add_argument("--pid", type=positive_int, help="with --target: the server's pid, for fd/thread checks")
     p.add_argument("--name", help="the target's column name in the grid (default: the target or 'command')")
     p.add_argument("--only", metavar="IDS", help="comma-separated scenario ids to run (default: all)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every result as JSON")
@@ -71,15 +56,15 @@ def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> No
         help="a JSON file from an earlier --json: report unexpected failures and unexpected passes",
     )
     g = p.add_argument_group("what the scenarios assume of the server (applied to servers the matrix starts)")
-    g.add_argument("--idle-timeout", type=_positive_float, default=0.5, metavar="S", help="(default: 0.5)")
-    g.add_argument("--read-timeout", type=_positive_float, default=0.5, metavar="S", help="(default: 0.5)")
-    g.add_argument("--write-timeout", type=_positive_float, default=0.5, metavar="S", help="(default: 0.5)")
+    g.add_argument("--idle-timeout", type=positive_float, default=0.5, metavar="S", help="(default: 0.5)")
+    g.add_argument("--read-timeout", type=positive_float, default=0.5, metavar="S", help="(default: 0.5)")
+    g.add_argument("--write-timeout", type=positive_float, default=0.5, metavar="S", help="(default: 0.5)")
     g.add_argument(
-        "--max-frame", type=_positive_int, default=1 << 20, metavar="BYTES", help="(default: 1048576)"
+        "--max-frame", type=positive_int, default=1 << 20, metavar="BYTES", help="(default: 1048576)"
     )
     g.add_argument(
         "--max-connections",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="the server's connection limit, if it has one (P2 needs it for external servers)",
