@@ -40,14 +40,15 @@ def test_bench_smoke_measures_every_workload_on_every_backend(tmp_path: Path) ->
     assert run.returncode == 0, run.stderr
     data = json.loads(out.read_text())
     workloads = [w["name"] for w in data["config"]["workloads"]]
+    # Idle memory first, on a fresh server.
     assert workloads == [
+        "idle",
         "closed64-c1",
         "closed64-c10",
         "closed16k-c10",
         "open64-r2000",
         "churn-20x5",
         "rtt",
-        "idle",
     ]
     for name in workloads:
         for backend in ("epoll", "blocking"):
@@ -61,6 +62,7 @@ def test_bench_smoke_measures_every_workload_on_every_backend(tmp_path: Path) ->
     assert data["summary"]["closed64-c10"]["blocking"]["server_threads"]["median"] >= 11
     assert data["summary"]["closed64-c10"]["epoll"]["server_threads"]["median"] <= 3
     assert {t["label"] for t in data["targets"]} >= {"epoll idle RSS per connection <= 1 KiB"}
+    assert data["summary"]["idle"]["epoll"]["rss_per_conn_bytes"]["median"] > 0
 
 
 def test_compare_writes_the_report(tmp_path: Path) -> None:

@@ -45,15 +45,17 @@ def default_workloads(
     churn: tuple[int, int] = (1000, 10),
     idle_steps: tuple[int, ...] = (0, 1000, 5000),
 ) -> list[Workload]:
-    """The workloads of the comparison: 64 B closed loop at each connection count, 16 KiB
-    frames at 10 connections, an open loop at a fixed rate, churn, one-connection round trip,
-    and idle memory."""
-    work = [Workload(f"closed64-c{c}", "closed", connections=c, size=64) for c in connections]
+    """The workloads of the comparison, in the order they run on each server: idle memory, 64 B
+    closed loop at each connection count, 16 KiB frames at 10 connections, an open loop at a
+    fixed rate, churn, and the one-connection round trip."""
+    # Idle memory first, on the freshly started server: after the loads, memory the allocator keeps
+    # for reuse would absorb the idle connections and hide their cost.
+    work = [Workload("idle", "idle", steps=idle_steps)]
+    work += [Workload(f"closed64-c{c}", "closed", connections=c, size=64) for c in connections]
     work.append(Workload("closed16k-c10", "closed", connections=10, size=16 << 10))
     work.append(Workload(f"open64-r{rate}", "open", connections=100, size=64, rate=rate))
     work.append(Workload(f"churn-{churn[0]}x{churn[1]}", "churn", cycles=churn[0], parallel=churn[1]))
     work.append(Workload("rtt", "rtt", connections=1, size=64))
-    work.append(Workload("idle", "idle", steps=idle_steps))
     return work
 
 
