@@ -110,7 +110,8 @@ def test_soak_smoke_passes_its_verdict(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     data = json.loads(out.read_text())
     assert data["passed"] and len(data["samples"]) >= 3
-    assert all(s["phantoms"] == 0 for s in data["samples"])
+    # Quiescent once the ramp (0.2 s) and one interval are over.
+    assert all(s["phantoms"] == 0 for s in data["samples"] if s["t"] >= 0.7)
     assert max(s["clients_connected"] for s in data["samples"]) == 40
 
 

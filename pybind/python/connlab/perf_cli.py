@@ -327,10 +327,11 @@ def add_parsers(sub: Any) -> None:
             "a frame every interval for the duration. Every few seconds print a sample: server-reported "
             "connections, kernel ESTABLISHED and CLOSE_WAIT on the port, client-side connected count, "
             "phantoms (server count minus sockets it owns), errors, RSS, threads, fds and server CPU. "
-            "End with a verdict against the criteria: phantoms within the threshold at every sample, "
-            "errors under the rate, RSS and threads not trending up after the ramp (by slope), and a "
-            "clean shutdown with 0 connections left on either side. Exits 0 on PASS, 1 on FAIL. RSS, "
-            "threads and fds are of this process, which holds both the server and the clients."
+            "End with a verdict against the criteria: phantoms within the threshold at every sample "
+            "after the ramp, errors under the rate, RSS and threads not trending up after the ramp "
+            "(by slope), and a clean shutdown with 0 connections left on either side. "
+            "Exits 0 on PASS, 1 on FAIL. RSS, threads and fds are of this process, which holds both "
+            "the server and the clients."
         ),
     )
     soak.add_argument("--backend", required=True, choices=BACKENDS, help="the backend to soak")
