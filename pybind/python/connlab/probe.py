@@ -18,13 +18,16 @@ __all__ = [
     "PortView",
     "ServerLike",
     "Snapshot",
+    "accept_queue",
     "cpu_seconds",
+    "diag_sockets",
     "fd_count",
     "owned_server_sockets",
     "phantoms",
     "port_view",
     "rss_bytes",
     "snapshot",
+    "socket_inodes",
     "thread_count",
     "thread_names",
     "threads_cpu_seconds",
@@ -230,8 +233,12 @@ class PortView:
         return sum(self.counts.values())
 
 
-def _socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets process `pid` holds, from its /proc/PID/fd links `socket:[INODE]`."""
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process `pid` holds, from its /proc/PID/fd links `socket:[INODE]`.
+
+    Raises:
+        ProcessLookupError: the process does not exist.
+    """
     fd_dir = f"/proc/{pid}/fd"
     with _process_must_exist(pid):
         fds = os.listdir(fd_dir)
@@ -340,7 +347,7 @@ def port_view(port: int, pid: int | None = None) -> PortView:
     owned: set[int] | None = None
     net_dir = "/proc/net"
     if pid is not None:
-        owned = _socket_inodes(pid)
+        owned = socket_inodes(pid)
         net_dir = f"/proc/{pid}/net"
     if pid is None or _same_netns(pid):
         try:

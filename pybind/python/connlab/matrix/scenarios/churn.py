@@ -24,7 +24,7 @@ from connlab.client import abort, encode, read_frame, recv_exact, wait_until
 from connlab.footprint import raise_nofile
 from connlab.matrix.checks import stats_delta
 from connlab.matrix.core import ChildHandle, Context, Failed, Handle, LeakGuard, Skip, check, scenario
-from connlab.probe import accept_queue, diag_sockets
+from connlab.probe import accept_queue, diag_sockets, socket_inodes
 
 #: MATRIX.md's churn: 1000 cycles of 10 simultaneous connections.
 CYCLES = 1000
@@ -74,17 +74,6 @@ def kernel_view(ctx: Context) -> Callable[[int], list[tuple[str, int]]]:
         ctx.note(f"kernel counts from /proc/net/tcp, which is no snapshot (sock_diag: {err})")
         return _proc_sockets
     return lambda port: [(state, inode) for state, inode, _ in diag_sockets(port)]
-
-
-def socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets process `pid` holds (/proc/PID/fd)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    return inodes
 
 
 def held(handle: Handle, view: Callable[[int], list[tuple[str, int]]]) -> int:

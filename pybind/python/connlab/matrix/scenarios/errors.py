@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 
+from connlab import probe
 from connlab.client import HEADER, abort, encode, read_frame, read_to_eof, wait_until
 from connlab.matrix.checks import expect_reason, journal, quiescent, stats_delta, within_timeout_window
 from connlab.matrix.core import Context, Handle, Skip, check, scenario
@@ -61,21 +62,12 @@ def still_serves(ctx: Context, handle: Handle, what: str) -> None:
 
 
 def socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets process `pid` has open: readlinks of /proc/PID/fd, cheap to poll
-    where reading the kernel's TCP tables is not (they can hold 100 000 TIME_WAIT rows)."""
-    inodes = set()
+    """Inodes of the sockets process `pid` has open (none once it is gone): readlinks of
+    /proc/PID/fd, cheap to poll where the kernel's TCP tables are not."""
     try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except FileNotFoundError:
-        return inodes
-    for fd in fds:
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(int(link[len("socket:[") : -1]))
-    return inodes
+        return probe.socket_inodes(pid)
+    except ProcessLookupError:
+        return set()
 
 
 def accepted_socket(handle: Handle, before: set[int], client: socket.socket) -> int | None:
