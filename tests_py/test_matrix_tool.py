@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from connlab.matrix import report
+from connlab.matrix.core import Result, repeated
+
 BROKEN = Path(__file__).with_name("broken_servers.py")
 CONNLAB = [sys.executable, "-m", "connlab"]
 
@@ -115,8 +118,93 @@ def test_help_explains_every_option() -> None:
         "--read-timeout",
         "--write-timeout",
         "--max-frame",
+        "--repeat",
     ):
         assert option in text
+
+
+def test_repeat_runs_every_round_and_counts_the_failed_ones(tmp_path: Path) -> None:
+    out, junit = tmp_path / "m.json", tmp_path / "m.xml"
+    code, text = matrix(
+        "--backends", "epoll", "--only", "H1,H3", "--repeat", "2", "--json", str(out), "--junit", str(junit)
+    )
+    assert code == 0, text
+    assert "round 1/2: 2 passed, 0 failed" in text and "round 2/2: 2 passed, 0 failed" in text, text
+    assert text.count("pass 0/2 failed") == 2 and "(0 of 4 runs failed)" in text, text
+    data = json.loads(out.read_text())
+    assert data["repeat"] == 2 and [r["round"] for r in data["rounds"]] == [1, 2], data
+    for one in data["rounds"]:
+        assert {r["scenario"]: r["status"] for r in one["results"]} == {"H1": "pass", "H3": "pass"}, one
+    assert [(r["scenario"], r["status"], r["failed_rounds"]) for r in data["results"]] == [
+        ("H1", "pass", 0),
+        ("H3", "pass", 0),
+    ], data["results"]
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None and suite.get("tests") == "2" and suite.get("failures") == "0"
+    for case in suite.iter("testcase"):
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        assert props["rounds"] == "2" and props["failed_rounds"] == "0", props
+    # One round writes the JSON of a plain run: no "rounds", no "failed_rounds".
+    code, text = matrix("--backends", "epoll", "--only", "H1", "--repeat", "1", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert code == 0 and "round 1/1" not in text, text
+    assert set(data) == {"results", "summary", "wall_s", "machine", "finished"}, data
+    assert "failed_rounds" not in data["results"][0], data
+
+
+def test_repeat_against_a_broken_server_fails_in_every_round(tmp_path: Path) -> None:
+    out, junit = tmp_path / "m.json", tmp_path / "m.xml"
+    cmd = shlex.join([sys.executable, str(BROKEN), "no-idle-timeout"])
+    code, text = matrix(
+        "--serve-cmd", cmd, "--name", "nit", "--only", "H1,T1", "--repeat", "2", "--json", str(out),
+        "--junit", str(junit),
+    )  # fmt: skip
+    assert code == 1, text
+    for k in (1, 2):
+        assert f"FAIL T1 on nit (round {k}/2): AssertionError: not closed" in text, text
+        assert f"    round {k}: AssertionError: not closed" in text, text
+    assert "FAIL 2/2 failed" in text and "pass 0/2 failed" in text, text
+    assert "FAIL T1 on nit: failed in 2/2 rounds" in text and "(2 of 4 runs failed)" in text, text
+    data = json.loads(out.read_text())
+    outcome = {r["scenario"]: (r["status"], r["failed_rounds"]) for r in data["results"]}
+    assert outcome == {"H1": ("pass", 0), "T1": ("fail", 2)}, data["results"]
+    assert data["summary"] == {"pass": 1, "fail": 1, "skip": 0}, data["summary"]
+    assert [statuses_of(one) for one in data["rounds"]] == [{"H1": "pass", "T1": "fail"}] * 2, data
+    cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
+    failure = cases["T1"].find("failure")
+    assert failure is not None and failure.get("message", "").startswith("failed in 2/2 rounds"), failure
+    assert cases["H1"].find("failure") is None
+    # A --repeat JSON is a baseline too: T1 is a known failure, H1 a known pass.
+    code, text = matrix("--serve-cmd", cmd, "--name", "nit", "--only", "H1", "--baseline", str(out))
+    assert code == 0 and "matches the baseline" in text, text
+
+
+def statuses_of(one_round: dict) -> dict[str, str]:
+    return {r["scenario"]: r["status"] for r in one_round["results"]}
+
+
+def test_a_failure_in_any_round_fails_the_scenario_and_the_baseline() -> None:
+    skip = Result("P2", "x", "skip", 0, "why")
+    rounds = [
+        [Result("H1", "x", "pass", 0.1), Result("T1", "x", "pass", 1.0), skip],
+        [Result("H1", "x", "pass", 0.1), Result("T1", "x", "fail", 1.3, "late"), skip],
+    ]
+    h1, t1, p2 = repeated(rounds)
+    assert (h1.status, t1.status, p2.status) == ("pass", "fail", "skip")
+    assert t1.rounds_with("fail") == [2] and t1.detail == "round 2: late" and p2.detail == "why"
+    worse, better = report.compare([h1, t1, p2], {("H1", "x"): "pass", ("T1", "x"): "pass"})
+    assert worse == ["T1 on x: pass -> FAIL (round 2: late)"] and better == [], worse
+
+
+def test_repeat_must_be_a_positive_integer() -> None:
+    for value, message in [
+        ("0", "argument --repeat: must be > 0, got 0"),
+        ("-1", "argument --repeat: must be > 0, got -1"),
+        ("1.5", "argument --repeat: expected a int, got '1.5'"),
+        ("two", "argument --repeat: expected a int, got 'two'"),
+    ]:
+        code, text = matrix("--backends", "epoll", "--only", "H1", "--repeat", value)
+        assert code == 2 and message in text, (value, text)
 
 
 SERVE_FLAGS = "--idle-timeout 0.5 --read-timeout 0.5 --write-timeout 0.5 --workers 2"

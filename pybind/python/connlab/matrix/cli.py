@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from connlab._native import BACKENDS
 from connlab.argtypes import positive_float, positive_int
 from connlab.matrix import report
-from connlab.matrix.core import Options, Result, Target, run_one, select
+from connlab.matrix.core import Options, Repeated, Result, Target, repeated, run_one, select
 
 
 def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> None:
@@ -27,7 +27,8 @@ def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> No
             "command the matrix launches for each scenario (--serve-cmd), or a running server "
             "(--target, with --pid for fd/thread checks). Prints a live progress line, then a grid of "
             "scenario x target (pass / FAIL / skip, with seconds); exits 1 if any scenario failed, "
-            "2 on bad usage."
+            "2 on bad usage. With --repeat N the whole selection runs N times (rounds) against the "
+            "same targets: a cell shows in how many rounds it failed, and it fails if it failed in any."
         ),
     )
     where = p.add_mutually_exclusive_group()
@@ -47,6 +48,18 @@ def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> No
     p.add_argument("--pid", type=positive_int, help="with --target: the server's pid, for fd/thread checks")
     p.add_argument("--name", help="the target's column name in the grid (default: the target or 'command')")
     p.add_argument("--only", metavar="IDS", help="comma-separated scenario ids to run (default: all)")
+    p.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run the whole selection N times, round after round (default: 1). With N > 1: --json's "
+        '"results" has one entry per scenario and target over all rounds (status "fail" if it failed '
+        'in any round, "failed_rounds" how many, "detail" each failed round\'s message as "round K: '
+        '..."), and "repeat": N and "rounds": [{"round": K, "results", "summary", "wall_s"}, ...] hold '
+        "every round's own results; --junit has one testcase per scenario and target, failed if any "
+        "round failed, with each failed round's message; --baseline compares on failed in any round",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write every result as JSON")
     p.add_argument("--junit", type=Path, metavar="FILE", help="write JUnit XML (one suite per target)")
     p.add_argument(
@@ -107,34 +120,61 @@ def run_matrix(args: argparse.Namespace) -> int:
         max_frame=args.max_frame,
         max_connections=args.max_connections,
     )
-    results: list[Result] = []
+    n = args.repeat
+    rounds: list[tuple[list[Result], float]] = []  # each round's results and seconds
+    failed = 0
     started = time.monotonic()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("matrix", total=len(scenarios) * len(targets))
-        for sc in scenarios:
-            for target in targets:
-                failed = sum(r.status == "fail" for r in results)
-                progress.update(task, description=f"{sc.id} on {target.name}  ({failed} failed so far)")
-                result = run_one(sc, target, options)
-                results.append(result)
-                if result.status == "fail":
-                    progress.console.print(
-                        f"[bold red]FAIL[/] {result.scenario} on {result.target}: {result.detail}",
-                        highlight=False,
-                    )
-                progress.advance(task)
+        task = progress.add_task("matrix", total=n * len(scenarios) * len(targets))
+        for k in range(1, n + 1):
+            mine: list[Result] = []
+            round_started = time.monotonic()
+            where = f" (round {k}/{n})" if n > 1 else ""
+            for sc in scenarios:
+                for target in targets:
+                    step = f"{sc.id} on {target.name}  ({failed} failed so far)"
+                    progress.update(task, description=f"round {k}/{n}: {step}" if n > 1 else step)
+                    result = run_one(sc, target, options)
+                    mine.append(result)
+                    if result.status == "fail":
+                        failed += 1
+                        progress.console.print(
+                            f"[bold red]FAIL[/] {result.scenario} on {result.target}{where}: {result.detail}",
+                            highlight=False,
+                        )
+                    progress.advance(task)
+            rounds.append((mine, time.monotonic() - round_started))
+            if n > 1:
+                c = report.summary(mine)
+                progress.console.print(
+                    f"round {k}/{n}: {c['pass']} passed, {c['fail']} failed, {c['skip']} skipped "
+                    f"in {rounds[-1][1]:.1f} s",
+                    highlight=False,
+                )
     wall = time.monotonic() - started
+    # Over several rounds, one outcome per scenario and target: failed if it failed in any round.
+    results: list[Result] = rounds[0][0] if n == 1 else list(repeated([mine for mine, _ in rounds]))
     console.print(report.grid(results, [t.name for t in targets]))
-    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
+    counts = report.summary(results)
+    over = f" over {n} rounds ({failed} of {n * len(results)} runs failed)" if n > 1 else ""
     console.print(
-        f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped in {wall:.1f} s"
+        f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped{over} in {wall:.1f} s"
     )
     for r in results:
         if r.status == "skip":
             console.print(f"  skip {r.scenario} on {r.target}: {r.detail}", style="yellow", highlight=False)
+        elif r.status == "fail" and isinstance(r, Repeated) and n > 1:
+            failed_in = r.rounds_with("fail")
+            console.print(
+                f"  FAIL {r.scenario} on {r.target}: failed in {len(failed_in)}/{n} rounds",
+                style="bold red",
+                highlight=False,
+            )
+            for i in failed_in:
+                console.print(f"    round {i}: {r.runs[i - 1].detail}", highlight=False)
     if args.json:
-        report.write_json(args.json, results, wall)
+        report.write_json(args.json, results, wall, rounds if n > 1 else None)
     if args.junit:
         report.write_junit(args.junit, results, wall)
     status = 1 if counts["fail"] else 0

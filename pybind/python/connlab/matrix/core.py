@@ -474,6 +474,45 @@ class Result:
         }
 
 
+@dataclass(frozen=True)
+class Repeated(Result):
+    """One scenario on one target over several rounds (`runs`, in round order): it failed if it
+    failed in any round; it is a skip only if every round skipped. `seconds` is the total."""
+
+    runs: tuple[Result, ...] = ()
+
+    @classmethod
+    def of(cls, runs: list[Result]) -> Repeated:
+        failed = [(i, r) for i, r in enumerate(runs, 1) if r.status == "fail"]
+        skipped = [(i, r) for i, r in enumerate(runs, 1) if r.status == "skip"]
+        if failed:
+            status, details = "fail", [f"round {i}: {r.detail}" for i, r in failed]
+        elif len(skipped) == len(runs):
+            status, details = "skip", list(dict.fromkeys(r.detail for r in runs))
+        else:
+            notes = dict.fromkeys(r.detail for r in runs if r.status == "pass" and r.detail)
+            status, details = "pass", [*notes, *(f"round {i} skipped: {r.detail}" for i, r in skipped)]
+        first = runs[0]
+        total = sum(r.seconds for r in runs)
+        return cls(first.scenario, first.target, status, total, "; ".join(details), tuple(runs))
+
+    def rounds_with(self, status: str) -> list[int]:
+        """The round numbers (from 1) in which it had `status`."""
+        return [i for i, r in enumerate(self.runs, 1) if r.status == status]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "failed_rounds": len(self.rounds_with("fail"))}
+
+
+def repeated(rounds: list[list[Result]]) -> list[Repeated]:
+    """Each scenario on each target over `rounds` (each round's results in the same order)."""
+    runs: dict[tuple[str, str], list[Result]] = {}
+    for results in rounds:
+        for r in results:
+            runs.setdefault((r.scenario, r.target), []).append(r)
+    return [Repeated.of(mine) for mine in runs.values()]
+
+
 def run_one(sc: Scenario, target: Target, options: Options) -> Result:
     """Runs one scenario on one target, inside its leak guard; never raises."""
     started = time.monotonic()

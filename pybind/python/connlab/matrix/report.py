@@ -12,15 +12,20 @@ from typing import Any
 
 from rich.table import Table
 
-from connlab.matrix.core import SCENARIOS, Result, order_key
+from connlab.matrix.core import SCENARIOS, Repeated, Result, order_key
 
 STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
 LABEL = {"pass": "pass", "fail": "FAIL", "skip": "skip"}
 
 
 def grid(results: list[Result], targets: list[str]) -> Table:
-    """Scenario rows x target columns: pass / FAIL / skip with seconds."""
-    table = Table(title="connlab lifecycle matrix", show_lines=False)
+    """Scenario rows x target columns: pass / FAIL / skip with seconds; over several rounds, also
+    how many rounds failed, with the mean seconds of a round."""
+    rounds = max((len(r.runs) for r in results if isinstance(r, Repeated)), default=1)
+    title = "connlab lifecycle matrix" + (f", {rounds} rounds" if rounds > 1 else "")
+    table = Table(title=title, show_lines=False)
+    if rounds > 1:
+        table.caption = "cells: failed rounds / rounds, mean seconds per round"
     table.add_column("scenario", style="bold")
     table.add_column("category")
     for target in targets:
@@ -30,31 +35,64 @@ def grid(results: list[Result], targets: list[str]) -> Table:
         row = [sid, SCENARIOS[sid].category if sid in SCENARIOS else ""]
         for target in targets:
             r = cells.get((sid, target))
-            row.append(f"[{STYLE[r.status]}]{LABEL[r.status]}[/] {r.seconds:.1f}s" if r else "-")
+            row.append(_cell(r) if r else "-")
         table.add_row(*row)
     return table
+
+
+def _cell(r: Result) -> str:
+    label = f"[{STYLE[r.status]}]{LABEL[r.status]}[/]"
+    if not isinstance(r, Repeated) or len(r.runs) < 2:
+        return f"{label} {r.seconds:.1f}s"
+    if r.status == "skip":
+        return label
+    n, skipped = len(r.runs), len(r.rounds_with("skip"))
+    also = f", {skipped} skipped" if skipped else ""
+    return f"{label} {len(r.rounds_with('fail'))}/{n} failed{also} {r.seconds / n:.1f}s"
 
 
 def failures(results: Iterable[Result]) -> list[Result]:
     return [r for r in results if r.status == "fail"]
 
 
-def to_json(results: list[Result], wall_s: float) -> dict[str, Any]:
+def summary(results: list[Result]) -> dict[str, int]:
+    return {s: sum(1 for r in results if r.status == s) for s in ("pass", "fail", "skip")}
+
+
+def to_json(
+    results: list[Result], wall_s: float, rounds: list[tuple[list[Result], float]] | None = None
+) -> dict[str, Any]:
+    """`results` as they are; with `rounds` (each round's results and seconds) of a --repeat run,
+    `results` holds the `Repeated` outcomes (with "failed_rounds"), "rounds" every round's."""
+    out: dict[str, Any] = {"results": [r.to_json() for r in results], "summary": summary(results)}
+    if rounds is not None:
+        out["repeat"] = len(rounds)
+        out["rounds"] = [
+            {
+                "round": i,
+                "results": [r.to_json() for r in mine],
+                "summary": summary(mine),
+                "wall_s": round(seconds, 3),
+            }
+            for i, (mine, seconds) in enumerate(rounds, 1)
+        ]
     return {
-        "results": [r.to_json() for r in results],
-        "summary": {s: sum(1 for r in results if r.status == s) for s in ("pass", "fail", "skip")},
+        **out,
         "wall_s": round(wall_s, 3),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def write_json(path: Path, results: list[Result], wall_s: float) -> None:
-    path.write_text(json.dumps(to_json(results, wall_s), indent=2) + "\n")
+def write_json(
+    path: Path, results: list[Result], wall_s: float, rounds: list[tuple[list[Result], float]] | None = None
+) -> None:
+    path.write_text(json.dumps(to_json(results, wall_s, rounds), indent=2) + "\n")
 
 
 def write_junit(path: Path, results: list[Result], wall_s: float) -> None:
-    """One testsuite per target, one testcase per scenario."""
+    """One testsuite per target, one testcase per scenario; for a `Repeated` outcome, one testcase
+    over every round: a failure if any round failed, its text each failed round's message."""
     root = ET.Element("testsuites", name="connlab matrix", time=f"{wall_s:.3f}")
     for target in dict.fromkeys(r.target for r in results):
         mine = [r for r in results if r.target == target]
@@ -76,11 +114,20 @@ def write_junit(path: Path, results: list[Result], wall_s: float) -> None:
                 name=r.scenario,
                 time=f"{r.seconds:.3f}",
             )
-            if sc:
-                ET.SubElement(case, "properties").append(
-                    ET.Element("property", name="description", value=sc.description)
-                )
-            if r.status == "fail":
+            rounds = r if isinstance(r, Repeated) and len(r.runs) > 1 else None
+            failed = rounds.rounds_with("fail") if rounds is not None else []
+            properties = [("description", sc.description)] if sc else []
+            if rounds is not None:
+                properties += [("rounds", str(len(rounds.runs))), ("failed_rounds", str(len(failed)))]
+            if properties:
+                props = ET.SubElement(case, "properties")
+                for name, value in properties:
+                    props.append(ET.Element("property", name=name, value=value))
+            if r.status == "fail" and rounds is not None:
+                message = f"failed in {len(failed)}/{len(rounds.runs)} rounds: {r.detail}"
+                text = "\n".join(f"round {i}: {rounds.runs[i - 1].detail}" for i in failed)
+                ET.SubElement(case, "failure", message=message[:200]).text = text
+            elif r.status == "fail":
                 ET.SubElement(case, "failure", message=r.detail[:200]).text = r.detail
             elif r.status == "skip":
                 ET.SubElement(case, "skipped", message=r.detail)
