@@ -93,6 +93,7 @@ impl Config {
             idle_timeout: self.idle_timeout,
             read_timeout: self.read_timeout,
             write_timeout: self.write_timeout,
+            read_while_writing: true,
         }
     }
 }
@@ -136,6 +137,13 @@ impl Error {
     /// An out-of-range value.
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Error::Invalid { field, message: message.into() }
+    }
+
+    /// Maps a syscall failure while starting a backend (`context`: what was
+    /// being done) to an error about the `backend` argument.
+    pub(crate) fn starting(context: &str) -> impl FnOnce(io::Error) -> Error {
+        let context = context.to_string();
+        move |source| Error::Io { field: "backend", context, source }
     }
 
     /// The argument the error is about.

@@ -159,6 +159,11 @@ pub struct Limits {
     pub read_timeout: Option<Duration>,
     /// Write-progress clock; `None` disables it.
     pub write_timeout: Option<Duration>,
+    /// Whether input is read while answers are queued (up to
+    /// `max_pending_output`). A backend whose thread blocks in `send` cannot
+    /// read meanwhile: it reads again once every answer is written, and the
+    /// read clock pauses while it may not read (the client is not late).
+    pub read_while_writing: bool,
 }
 
 /// How long a graceful close reads and discards after `shutdown(SHUT_WR)`.
@@ -284,6 +289,10 @@ pub struct Conn {
     /// When the frame in progress must be complete; `None` with no frame in
     /// progress or while paused.
     read_deadline: Option<Instant>,
+    /// Since when reading waits for queued answers to be written (only
+    /// without `read_while_writing`): the read clock stops meanwhile, and
+    /// `read_deadline` moves by the time it stood still.
+    read_waits_since: Option<Instant>,
     /// When a write last accepted a byte, or when output was first queued.
     write_since: Instant,
     /// What stop asked.
@@ -311,6 +320,7 @@ impl Conn {
             paused: false,
             idle_since: Some(now),
             read_deadline: None,
+            read_waits_since: None,
             write_since: now,
             stop: Stop::No,
         }
@@ -355,7 +365,7 @@ impl Conn {
     /// Whether the backend should read from the socket now.
     pub fn wants_read(&self) -> bool {
         match self.phase() {
-            None => !self.paused && !self.peer_eof,
+            None => !self.paused && !self.peer_eof && self.read_waits_since.is_none(),
             Some(Phase::Flush { .. }) | Some(Phase::Linger { .. }) => !self.peer_eof,
             Some(Phase::Done { .. }) => false,
         }
@@ -397,7 +407,7 @@ impl Conn {
         if let (Some(since), Some(t)) = (self.idle_since, l.idle_timeout) {
             clocks[0] = Some((since + t, Expiry::Idle));
         }
-        if let Some(at) = self.read_deadline {
+        if let (Some(at), None) = (self.read_deadline, self.read_waits_since) {
             clocks[1] = Some((at, Expiry::Read));
         }
         if let (true, Some(t)) = (self.wants_write(), l.write_timeout) {
@@ -675,6 +685,18 @@ impl Conn {
             } else {
                 self.idle_since = None;
             }
+        }
+        // Without read_while_writing, reading waits while an answer is queued.
+        let waits = !self.limits.read_while_writing && self.out_pos < self.out.len() && self.close.is_none();
+        match (waits, self.read_waits_since) {
+            (true, None) => self.read_waits_since = Some(now),
+            (false, Some(since)) => {
+                self.read_waits_since = None;
+                if let Some(at) = self.read_deadline.as_mut() {
+                    *at += now.saturating_duration_since(since);
+                }
+            }
+            _ => {}
         }
         self.journal(now, obs);
     }

@@ -1,23 +1,69 @@
-//! What the readiness-based backends share: a [`Link`] (socket + core +
-//! registry handle) that moves bytes until the socket would block, and
-//! [`Timers`], a heap of the cores' deadlines.
+//! The connection loop every backend shares.
+//!
+//! A [`Link`] is one connection: its socket, its sans-IO core and its
+//! registry entry. [`Link::drive`] moves bytes as the core says until the
+//! socket would block, passes the stop and the clock to the core, carries out
+//! its half-close and close (`SO_LINGER` 0 on abort), and takes a hang-up
+//! report as the socket's error (`SO_ERROR`) or EOF. Its `Drop` is the safety
+//! net: a link dropped while open still closes its socket and leaves the
+//! registry, so no backend's unwinding leaves a phantom.
+//!
+//! The loop is generic over [`Io`], the two calls in which backends' sockets
+//! differ: a non-blocking [`Socket`] (`poll`, `epoll`, `pool`), a tokio
+//! stream through its readiness API (`tokio`), or a blocking socket bounded
+//! by the core's deadline (`blocking`). What a backend adds is only how it
+//! waits for what [`Next::Wait`] asks.
+//!
+//! [`Timers`], a heap of the cores' deadlines, serves the backends that wait
+//! for many connections in one thread.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::ErrorKind;
-use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::io::{self, ErrorKind};
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use socket2::Socket;
+use socket2::{SockRef, Socket};
 
 use crate::conn::{Action, Conn, Limits};
-use crate::registry::{ConnHandle, Registry};
+use crate::gate::Gate;
+use crate::registry::ConnHandle;
 use crate::sys;
 
-/// Size of a backend's read buffer (one per thread, or per busy connection).
+/// Size of a backend's read buffer (one per thread, or per busy connection):
+/// [`Link::drive`] gives an empty scratch buffer this much, and grows a
+/// smaller one to it once a read fills it.
 pub(crate) const READ_CHUNK: usize = 64 << 10;
+
+/// The socket calls a backend's connections differ in. Everything else the
+/// driver does through the fd ([`AsFd`]): `shutdown(SHUT_WR)`, `SO_ERROR`,
+/// `FIONREAD`, `SO_LINGER`.
+pub(crate) trait Io: AsFd {
+    /// Sends from `data` without raising SIGPIPE. WouldBlock means "not now";
+    /// a call that blocks is bounded by the core's `deadline`.
+    fn send(&mut self, data: &[u8], deadline: Option<Instant>) -> io::Result<usize>;
+
+    /// Receives into the spare capacity of `buf`, extending its length; Ok(0)
+    /// is the peer's FIN. WouldBlock means "not now"; a call that blocks is
+    /// bounded by the core's `deadline`.
+    fn recv(&mut self, buf: &mut Vec<u8>, deadline: Option<Instant>) -> io::Result<usize>;
+
+    /// The driver has just passed the stop to the core (a backend that wakes
+    /// parked threads until each has seen the stop learns it here).
+    fn stop_seen(&mut self) {}
+}
+
+/// A non-blocking socket: every call with `MSG_DONTWAIT`.
+impl Io for Socket {
+    fn send(&mut self, data: &[u8], _: Option<Instant>) -> io::Result<usize> {
+        sys::send(self.as_raw_fd(), data, libc::MSG_DONTWAIT)
+    }
+
+    fn recv(&mut self, buf: &mut Vec<u8>, _: Option<Instant>) -> io::Result<usize> {
+        sys::recv_into(self.as_raw_fd(), buf, libc::MSG_DONTWAIT)
+    }
+}
 
 /// What a connection waits for after [`Link::drive`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +76,18 @@ pub(crate) struct Interest {
     pub deadline: Option<Instant>,
 }
 
+impl Interest {
+    /// As `poll(2)` events.
+    pub fn poll_events(&self) -> libc::c_short {
+        (if self.read { libc::POLLIN } else { 0 }) | (if self.write { libc::POLLOUT } else { 0 })
+    }
+
+    /// As `epoll` events (without flags such as `EPOLLONESHOT`).
+    pub fn epoll_events(&self) -> u32 {
+        self.poll_events() as u32
+    }
+}
+
 /// The outcome of [`Link::drive`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Next {
@@ -39,16 +97,16 @@ pub(crate) enum Next {
     Done,
 }
 
-/// One connection of a readiness-based backend.
+/// One connection: socket, core and registry entry.
 #[derive(Debug)]
-pub(crate) struct Link {
-    /// The socket; closed (by drop) in [`Link::drive`] when the core says so.
-    sock: Option<Socket>,
+pub(crate) struct Link<I: Io> {
+    /// The socket; closed (by drop) when the core says so.
+    io: Option<I>,
     /// The sans-IO core.
     conn: Conn,
-    /// The registry entry the core reports to.
+    /// The registry entry the core reports to; `None` once unregistered.
     handle: Option<ConnHandle>,
-    /// Whether stop was passed to the core yet.
+    /// Whether the stop was passed to the core yet.
     stop_seen: bool,
     /// Whether the socket may have input (set by readiness, cleared by
     /// WouldBlock or a short read): edge-triggered waits need it remembered.
@@ -63,14 +121,12 @@ pub(crate) struct Link {
     pub scheduled: Option<Instant>,
 }
 
-impl Link {
-    /// Registers a connection just accepted, or rejects it (closed at once,
-    /// unread) when the registry is full.
-    pub fn admit(registry: &Arc<Registry>, limits: Limits, sock: Socket, peer: SocketAddr) -> Option<Link> {
-        let mut handle = registry.register(peer)?;
+impl<I: Io> Link<I> {
+    /// A connection the gate just admitted; journals None→Connecting.
+    pub fn new(io: I, mut handle: ConnHandle, limits: Limits) -> Self {
         let conn = Conn::new(limits, Instant::now(), &mut handle);
-        Some(Link {
-            sock: Some(sock),
+        Link {
+            io: Some(io),
             conn,
             handle: Some(handle),
             stop_seen: false,
@@ -78,12 +134,17 @@ impl Link {
             writable: true,
             read_closed: false,
             scheduled: None,
-        })
+        }
     }
 
-    /// The socket's fd (valid until the link is done).
+    /// The socket, until the link is done.
+    pub fn io(&self) -> Option<&I> {
+        self.io.as_ref()
+    }
+
+    /// The socket's fd (−1 once the link is done).
     pub fn fd(&self) -> RawFd {
-        self.sock.as_ref().map_or(-1, |s| s.as_raw_fd())
+        self.io.as_ref().map_or(-1, |io| io.as_fd().as_raw_fd())
     }
 
     /// The registry id (unique for the server's life).
@@ -96,13 +157,13 @@ impl Link {
         self.conn.is_idle()
     }
 
-    /// Whether stop has been passed to the core.
+    /// Whether the stop has been passed to the core.
     pub fn stop_seen(&self) -> bool {
         self.stop_seen
     }
 
-    /// Records readiness reported by poll/epoll; `read_closed` when the
-    /// report includes the peer's FIN (EPOLLRDHUP) or an error.
+    /// Records readiness reported by a poller; `read_closed` when the report
+    /// includes the peer's FIN (EPOLLRDHUP) or an error.
     pub fn ready(&mut self, readable: bool, writable: bool, read_closed: bool) {
         self.readable |= readable;
         self.writable |= writable;
@@ -111,27 +172,28 @@ impl Link {
 
     /// Closes the connection because the backend cannot serve it (e.g. no
     /// thread could be spawned for it): `io_error`, abortive.
-    pub fn fail(mut self, err: &std::io::Error) {
-        let handle = self.handle.as_mut().expect("link is open");
-        self.conn.on_error(err, Instant::now(), handle);
+    pub fn fail(mut self, err: &io::Error) {
+        if let Some(handle) = self.handle.as_mut() {
+            self.conn.on_error(err, Instant::now(), handle);
+        }
         self.close();
     }
 
     /// Reads, writes, half-closes and closes as the core says, until the
-    /// socket would block; `grace_end` is set once stop began. `hangup` is a
-    /// POLLHUP/POLLERR report: taken as the socket's error (or EOF) when the
-    /// core neither reads nor writes, so it is never polled for again.
-    pub fn drive(&mut self, scratch: &mut Vec<u8>, grace_end: Option<Instant>, hangup: bool) -> Next {
-        let fd = self.fd();
-        let handle = self.handle.as_mut().expect("link is open");
+    /// socket would block; passes the stop to the core once `gate` has
+    /// published it. `hangup` is a POLLHUP/POLLERR report: taken as the
+    /// socket's error (or EOF) when the core neither reads nor writes, so it
+    /// is never polled for again.
+    pub fn drive(&mut self, scratch: &mut Vec<u8>, gate: &Gate, mut hangup: bool) -> Next {
+        let (Some(io), Some(handle)) = (self.io.as_mut(), self.handle.as_mut()) else { return Next::Done };
         let conn = &mut self.conn;
-        let mut hangup = hangup;
         let next = loop {
             let now = Instant::now();
-            if let (Some(grace_end), false) = (grace_end, self.stop_seen) {
+            if let (false, Some(grace_end)) = (self.stop_seen, gate.grace_end()) {
                 self.stop_seen = true;
-                let rx_empty = sys::fionread(fd).map_or(true, |n| n == 0);
+                let rx_empty = sys::fionread(io.as_fd().as_raw_fd()).map_or(true, |n| n == 0);
                 conn.on_stop(now, grace_end, rx_empty, handle);
+                io.stop_seen();
             }
             if conn.deadline().is_some_and(|at| at <= now) {
                 conn.on_timer(now, handle);
@@ -140,7 +202,7 @@ impl Link {
                 Action::Continue => {}
                 Action::ShutdownWrite => {
                     // An error means the peer is gone; the linger ends it.
-                    let _ = self.sock.as_ref().map(|s| s.shutdown(Shutdown::Write));
+                    let _ = SockRef::from(&*io).shutdown(Shutdown::Write);
                     conn.on_shutdown_write(now);
                     continue;
                 }
@@ -150,7 +212,11 @@ impl Link {
             if conn.wants_write() && self.writable {
                 progressed = true;
                 let pending = conn.pending().len();
-                match sys::send(fd, conn.pending()) {
+                let sent = io.send(conn.pending(), conn.deadline());
+                // Taken after the call: a blocking one may have waited long.
+                let now = Instant::now();
+                match sent {
+                    // A zero-byte send of a non-empty buffer is a short write.
                     Ok(n) => {
                         self.writable = n == pending;
                         conn.on_written(n, now, handle);
@@ -162,17 +228,25 @@ impl Link {
             }
             if conn.wants_read() && self.readable {
                 progressed = true;
-                if scratch.capacity() < READ_CHUNK {
+                if scratch.capacity() == 0 {
                     scratch.reserve_exact(READ_CHUNK);
                 }
                 scratch.clear();
-                match sys::recv_into(fd, scratch) {
+                let received = io.recv(scratch, conn.deadline());
+                let now = Instant::now();
+                match received {
                     Ok(0) => conn.on_eof(now, handle),
                     Ok(n) => {
                         // A short read drained the kernel's queue: a later
                         // arrival is a new readiness event, even edge-triggered.
-                        self.readable = n == scratch.capacity() || self.read_closed;
+                        let full = n == scratch.capacity();
+                        self.readable = full || self.read_closed;
                         conn.on_read(scratch, now, handle);
+                        if full && scratch.capacity() < READ_CHUNK {
+                            // A small buffer filled up: more is coming.
+                            scratch.clear();
+                            scratch.reserve_exact(READ_CHUNK);
+                        }
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => self.readable = false,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -184,7 +258,7 @@ impl Link {
             }
             if hangup && !conn.wants_read() && !conn.wants_write() {
                 hangup = false;
-                match sys::take_socket_error(fd) {
+                match SockRef::from(&*io).take_error() {
                     Ok(Some(e)) | Err(e) => conn.on_error(&e, now, handle),
                     Ok(None) => conn.on_eof(now, handle),
                 }
@@ -202,14 +276,14 @@ impl Link {
         next
     }
 
-    /// Closes the socket as the core decided (abortively: `SO_LINGER` 0),
-    /// then unregisters the connection.
+    /// Closes the socket as the core decided (abortively: `SO_LINGER` 0, so
+    /// `close()` sends an RST), then unregisters the connection.
     fn close(&mut self) {
-        if let Some(sock) = self.sock.take() {
+        if let Some(io) = self.io.take() {
             if self.conn.action() == Action::Abort {
-                let _ = sock.set_linger(Some(Duration::ZERO));
+                let _ = SockRef::from(&io).set_linger(Some(Duration::ZERO));
             }
-            drop(sock);
+            drop(io);
         }
         if let Some(handle) = self.handle.take() {
             handle.unregister(&self.conn);
@@ -217,12 +291,13 @@ impl Link {
     }
 }
 
-impl Drop for Link {
-    /// A link dropped while open (a backend thread unwinding) still closes
-    /// its socket and leaves the registry, as `io_error`: no phantom remains.
+impl<I: Io> Drop for Link<I> {
+    /// A link dropped while open (a backend thread unwinding, a runtime
+    /// dropping an unfinished task) still closes its socket and leaves the
+    /// registry, as `io_error`: no phantom remains.
     fn drop(&mut self) {
         if let Some(handle) = self.handle.as_mut() {
-            let err = std::io::Error::other("connection dropped by its backend");
+            let err = io::Error::other("connection dropped by its backend");
             self.conn.on_error(&err, Instant::now(), handle);
             self.close();
         }
@@ -244,7 +319,7 @@ pub(crate) struct Timers {
 impl Timers {
     /// Schedules `link`, living in `slot`, for its `deadline` if earlier than
     /// what it has. Returns whether an entry was pushed.
-    pub fn schedule(&mut self, slot: usize, link: &mut Link, deadline: Option<Instant>) -> bool {
+    pub fn schedule<I: Io>(&mut self, slot: usize, link: &mut Link<I>, deadline: Option<Instant>) -> bool {
         match deadline {
             Some(at) if link.scheduled.is_none_or(|s| at < s) => {
                 link.scheduled = Some(at);
@@ -274,7 +349,7 @@ impl Timers {
 
     /// Whether `link` is the live owner of a popped entry; if so the entry is
     /// consumed (the link has no scheduled deadline until rescheduled).
-    pub fn claim(link: &mut Link, id: u64, at: Instant) -> bool {
+    pub fn claim<I: Io>(link: &mut Link<I>, id: u64, at: Instant) -> bool {
         if link.id() == id && link.scheduled == Some(at) {
             link.scheduled = None;
             true
@@ -284,7 +359,7 @@ impl Timers {
     }
 }
 
-/// Milliseconds-rounded-up time until `at` (none: wait forever).
+/// Time until `at` (none: wait forever).
 pub(crate) fn until(at: Option<Instant>, now: Instant) -> Option<Duration> {
     at.map(|at| at.saturating_duration_since(now))
 }

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::BackendKind;
 use crate::conn::{CloseReason, Conn, Observer, State};
+use crate::kind::BackendKind;
 
 /// A snapshot of every counter (the `stats()` of DESIGN.md §6).
 #[derive(Debug, Clone, PartialEq, Eq)]

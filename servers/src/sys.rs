@@ -144,37 +144,25 @@ pub fn fionread(fd: RawFd) -> io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
-/// Non-blocking `recv` into the spare capacity of `buf`, extending its
-/// length by the bytes received. Ok(0) is the peer's FIN.
-pub fn recv_into(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+/// `recv` into the spare capacity of `buf`, extending its length by the
+/// bytes received. Ok(0) is the peer's FIN. `flags`: `MSG_DONTWAIT` for a
+/// non-blocking call, 0 to block (bounded by the socket's `SO_RCVTIMEO`).
+pub fn recv_into(fd: RawFd, buf: &mut Vec<u8>, flags: libc::c_int) -> io::Result<usize> {
     let spare: &mut [MaybeUninit<u8>] = buf.spare_capacity_mut();
     // The pointer and length describe `spare`, writable memory owned by `buf`.
-    let n = syscall!(recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT))? as usize;
+    let n = syscall!(recv(fd, spare.as_mut_ptr().cast(), spare.len(), flags))? as usize;
     // SAFETY: recv initialized exactly `n` bytes of the spare capacity.
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
 }
 
-/// Non-blocking `send` that never raises SIGPIPE (EPIPE comes back instead).
-pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+/// `send` that never raises SIGPIPE (EPIPE comes back instead). `flags`:
+/// `MSG_DONTWAIT` for a non-blocking call, 0 to block (bounded by the
+/// socket's `SO_SNDTIMEO`).
+pub fn send(fd: RawFd, data: &[u8], flags: libc::c_int) -> io::Result<usize> {
     // The pointer and length describe `data`, readable for the whole call.
-    let n = syscall!(send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT))?;
+    let n = syscall!(send(fd, data.as_ptr().cast(), data.len(), flags | libc::MSG_NOSIGNAL))?;
     Ok(n as usize)
-}
-
-/// The pending socket error (`SO_ERROR`), which reading clears.
-pub fn take_socket_error(fd: RawFd) -> io::Result<Option<io::Error>> {
-    let mut err: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // getsockopt writes at most `len` bytes into `err`; both outlive the call.
-    syscall!(getsockopt(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_ERROR,
-        (&mut err as *mut libc::c_int).cast(),
-        &mut len,
-    ))?;
-    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
 }
 
 /// The calling thread's kernel id (its entry in `/proc/self/task`).

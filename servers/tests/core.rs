@@ -103,6 +103,7 @@ fn limits() -> Limits {
         idle_timeout: Some(secs(10)),
         read_timeout: Some(secs(5)),
         write_timeout: Some(secs(3)),
+        read_while_writing: true,
     }
 }
 
@@ -1051,6 +1052,60 @@ fn read_clock_pauses_under_backpressure() {
     h.timer(secs(61));
     assert_eq!(h.reason(), Some(CloseReason::ReadTimeout));
     assert_eq!(h.rec.truncated, 1);
+}
+
+/// A backend that blocks in `send` (`read_while_writing` off) reads again only
+/// once every answer is written; a whole read is still parsed, so its answers
+/// go out in one write.
+#[test]
+fn without_read_while_writing_reading_waits_for_the_answers() {
+    let mut h = H::new(Limits { read_while_writing: false, ..limits() });
+    let stream = frames(&[b"a", b"bb", b"ccc"]);
+    h.read(ms(1), &stream[..stream.len() - 2]);
+    assert!(!h.conn.wants_read(), "answers queued: no read");
+    assert_eq!(h.conn.pending(), &stream[..stream.len() - 7], "both whole frames answered at once");
+    h.write_some(ms(2), 3);
+    assert!(!h.conn.wants_read(), "still an answer queued");
+    h.flush(ms(3));
+    assert!(h.conn.wants_read(), "every answer written: read again");
+    h.read(ms(4), &stream[stream.len() - 2..]);
+    assert_eq!(h.flush(ms(5)), frame(b"ccc"));
+    let mut both = H::new(limits());
+    both.read(ms(1), &stream[..stream.len() - 2]);
+    assert!(both.conn.wants_read(), "by default reading goes on while answers are queued");
+}
+
+/// While reading waits for the answers to be written, the client is not
+/// late with the rest of its frame: the read clock stands still, and a slow
+/// reader ends with write_timeout, not read_timeout.
+#[test]
+fn without_read_while_writing_the_read_clock_stands_still_while_writing() {
+    let lim = Limits { read_while_writing: false, read_timeout: Some(secs(1)), ..no_clocks() };
+    let mut h = H::new(lim);
+    let stream = frames(&[b"0123456789", b"abc"]);
+    h.read(ms(0), &stream[..16]); // a whole frame and 2 bytes of the next
+    assert_eq!(h.deadline(), None, "no read clock while the answer waits");
+    h.timer(secs(60));
+    assert_eq!(h.reason(), None);
+    // Written at 60.5 s: the frame had run 0 s of its 1 s; it has the rest.
+    h.flush(ms(60_500));
+    assert_eq!(h.deadline(), Some(ms(61_500)));
+    h.timer(ms(61_499));
+    assert_eq!(h.reason(), None);
+    h.timer(ms(61_500));
+    assert_eq!(h.reason(), Some(CloseReason::ReadTimeout));
+
+    let lim = Limits {
+        read_while_writing: false,
+        read_timeout: Some(secs(1)),
+        write_timeout: Some(secs(3)),
+        ..no_clocks()
+    };
+    let mut slow = H::new(lim);
+    slow.read(ms(0), &stream[..16]);
+    assert_eq!(slow.deadline(), Some(secs(3)), "only the write clock runs");
+    slow.timer(secs(3));
+    assert_eq!(slow.reason(), Some(CloseReason::WriteTimeout));
 }
 
 // ---------------------------------------------------------------------------

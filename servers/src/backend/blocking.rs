@@ -1,236 +1,237 @@
-//! `blocking`: one OS thread per connection.
+//! `blocking`: one OS thread per connection, parked in blocking calls — the
+//! classic thread-per-connection server.
 //!
-//! An acceptor thread accepts and hands each connection to a new thread with
-//! a small stack. The socket stays in blocking mode with its socket timeouts
-//! set explicitly, but each thread waits in `poll(2)` on its socket *and* the
-//! server's stop eventfd rather than inside `recv`: that is the one way to
-//! wake a thread parked on a socket without destroying the connection, which
-//! a draining stop needs. The read and write after a wake use `MSG_DONTWAIT`.
+//! An acceptor thread waits in `poll(2)` on the listener and a stop eventfd,
+//! and starts a thread with a small stack for each connection it admits.
+//! That thread's socket is in blocking mode, and the thread sits inside
+//! `recv` or `send`: one call per read and one per write, nothing else per
+//! frame. The core's deadline (idle, read, write, linger, grace) bounds each
+//! call as `SO_RCVTIMEO` / `SO_SNDTIMEO`, set only when it moved, so a steady
+//! connection pays no extra syscall for it. A parked thread holds a small
+//! read buffer ([`IDLE_CHUNK`]) that grows while a connection is busy.
+//!
+//! `stop` must drain, so it cannot close or shut down sockets under parked
+//! threads. It wakes each thread with a real-time signal
+//! ([`crate::interrupt`]): the parked call returns EINTR, the thread sees the
+//! stop through the gate, and from then on the grace bounds its calls. A
+//! wake that lands just before a thread enters its call is lost, so the
+//! signal is sent again until that thread says it has seen the stop.
 
-use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use super::driver::{self, Link, Next};
-use super::{accept_one, Accepted, BackendKind, Server, ACCEPT_BACKOFF};
 use crate::config::{Config, Error};
-use crate::registry::Registry;
-use crate::shutdown::{ServerThread, StopPoint, StopReport, StopSignal, ThreadSet};
+use crate::conn::Limits;
+use crate::driver::{self, Io, Link, Next};
+use crate::gate::{self, Acceptor, Gate};
+use crate::interrupt::{self, ParkedThreads};
+use crate::kind::BackendKind;
+use crate::registry::ConnHandle;
+use crate::server::{Running, Served};
+use crate::shutdown::ServerThread;
 use crate::sys::{self, Waker};
+
+/// The read buffer a connection thread keeps while its connection is idle.
+const IDLE_CHUNK: usize = 4 << 10;
+
+/// A socket timeout set this close to what the deadline leaves is kept:
+/// re-setting it per call would cost a syscall per frame, and an early
+/// expiry is only a spurious wake-up (the core decides what expired).
+const TIMEOUT_SLACK: Duration = Duration::from_millis(2);
+
+/// Above this, a blocking send waits a quarter of what its deadline leaves.
+const SEND_SPLIT: Duration = Duration::from_millis(40);
 
 /// What the acceptor and every connection thread share.
 #[derive(Debug)]
 struct Shared {
-    /// The server's registry.
-    registry: Arc<Registry>,
-    /// Limits and socket timeouts for every connection.
+    /// Admission, the registry and the published stop.
+    gate: Arc<Gate>,
+    /// Limits and stack size for every connection.
     config: Config,
-    /// Raised when stop begins (after the listener is closed).
-    stop: StopSignal,
+    /// The signal that wakes parked threads.
+    wake_signal: libc::c_int,
     /// Connection threads not joined yet.
-    threads: ThreadSet,
-    /// Whether new connections are still admitted; the acceptor holds the
-    /// lock from this check to the registration, and `stop` while it ends
-    /// admission, records the counts and tells every connection at once.
-    admitting: Mutex<bool>,
-    /// Counts when admission ended.
-    stop_point: StopPoint,
+    threads: ParkedThreads,
 }
 
-/// The `blocking` backend.
+/// The running acceptor.
 #[derive(Debug)]
-pub struct BlockingServer {
+pub(crate) struct Threads {
     /// State shared with the threads.
     shared: Arc<Shared>,
-    /// The acceptor and the waker that tells it to close the listener and
-    /// return; taken by the first `stop`.
-    acceptor: Mutex<Option<(ServerThread, Arc<Waker>)>>,
+    /// The acceptor thread; it closes the listener when it returns.
+    acceptor: ServerThread,
+    /// Tells the acceptor to return.
+    accept_stop: Arc<Waker>,
 }
 
-impl BlockingServer {
-    /// Starts the acceptor on `listener`.
-    pub(super) fn start(config: Config, listener: Socket, registry: Arc<Registry>) -> Result<Self, Error> {
-        let shared = Arc::new(Shared {
-            registry,
-            config,
-            stop: StopSignal::new().map_err(super::start_error("creating the stop eventfd"))?,
-            threads: ThreadSet::default(),
-            admitting: Mutex::new(true),
-            stop_point: StopPoint::default(),
-        });
-        let accept_stop = Arc::new(Waker::new().map_err(super::start_error("creating the accept eventfd"))?);
-        let acceptor = {
-            let shared = Arc::clone(&shared);
-            let accept_stop = Arc::clone(&accept_stop);
-            ServerThread::spawn("connlab-blocking".into(), None, move || {
-                accept_loop(&shared, listener, &accept_stop)
-            })
-            .map_err(super::start_error("spawning the acceptor thread"))?
-        };
-        Ok(BlockingServer { shared, acceptor: Mutex::new(Some((acceptor, accept_stop))) })
-    }
+/// Starts the acceptor on `listener`.
+pub(crate) fn start(config: Config, listener: Socket, gate: Arc<Gate>) -> Result<Served<Threads>, Error> {
+    let wake_signal = interrupt::wake_signal().map_err(Error::starting("installing the wake signal"))?;
+    let shared =
+        Arc::new(Shared { gate: Arc::clone(&gate), config, wake_signal, threads: ParkedThreads::default() });
+    let accept_stop = Arc::new(Waker::new().map_err(Error::starting("creating the accept eventfd"))?);
+    let acceptor = {
+        let (shared, accept_stop) = (Arc::clone(&shared), Arc::clone(&accept_stop));
+        ServerThread::spawn("connlab-blocking".into(), None, move || {
+            accept_loop(&shared, listener, &accept_stop)
+        })
+        .map_err(Error::starting("spawning the acceptor thread"))?
+    };
+    Ok(Served::new(BackendKind::Blocking, gate, Threads { shared, acceptor, accept_stop }))
 }
 
-impl Server for BlockingServer {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Blocking
-    }
-
-    fn registry(&self) -> &Registry {
-        &self.shared.registry
-    }
-
-    fn stop(&self, grace: Duration) -> StopReport {
-        let started = Instant::now();
-        let mut acceptor = self.acceptor.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((thread, accept_stop)) = acceptor.take() else { return StopReport::default() };
-        // 1–4 at one instant: admission ends (so `active` is the number to
-        // drain), and every connection thread is told, so a connection busy
-        // when stop began cannot turn idle unseen and lose its lingering
-        // close. Each thread then decides for itself: idle ones close at
-        // once, busy ones drain, the rest abort when the grace ends.
-        {
-            let mut admitting = self.shared.admitting.lock().unwrap_or_else(|e| e.into_inner());
-            *admitting = false;
-            self.shared.stop_point.record(&self.shared.registry);
-            self.shared.stop.raise(crate::shutdown::grace_end(started, grace));
-        }
-        // The listener closes when the acceptor returns.
-        accept_stop.wake().expect("writing to an eventfd cannot fail");
-        thread.join();
-        drop(accept_stop); // the last reference: its eventfd closes
-                           // 5. Join them all (they are gone by the end of the grace), then close
-                           //    the last fd the server holds.
+impl Running for Threads {
+    fn take_down(self, _gate: &Gate) {
+        // The listener closes when the acceptor returns; no thread is
+        // started after that.
+        self.accept_stop.wake().expect("writing to an eventfd cannot fail");
+        self.acceptor.join();
+        // Every parked thread is interrupted until it has seen the stop; each
+        // then closes or drains, bounded by the grace. Join them all.
+        self.shared.threads.wake_all(self.shared.wake_signal);
         self.shared.threads.join_all();
-        self.shared.stop.close();
-        self.shared.stop_point.report(&self.shared.registry, started)
     }
 }
 
-impl Drop for BlockingServer {
-    fn drop(&mut self) {
-        self.stop(Duration::ZERO);
-    }
-}
-
-/// Accepts until the acceptor's waker fires, giving each connection a thread.
+/// Accepts until `stop` fires, giving each admitted connection a thread.
 fn accept_loop(shared: &Arc<Shared>, listener: Socket, stop: &Waker) {
-    let _alive = shared.registry.thread_guard();
-    let mut backoff_until: Option<Instant> = None;
+    let _alive = shared.gate.registry().thread_guard();
+    let mut acceptor = Acceptor::default();
     loop {
         let mut fds =
             [sys::pollfd(stop.raw(), libc::POLLIN), sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
         // While backing off, the listener is left out of the poll set.
-        let (watched, timeout) = match backoff_until {
-            Some(until) => (1, Some(until.saturating_duration_since(Instant::now()))),
-            None => (2, None),
-        };
-        match sys::poll(&mut fds[..watched], timeout) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            // Only a lack of kernel memory (ENOMEM) gets here: wait as for
-            // EMFILE rather than spin or give up.
-            Err(_) => std::thread::sleep(ACCEPT_BACKOFF),
+        let watched = if acceptor.listening() { 2 } else { 1 };
+        if let Err(e) = sys::poll(&mut fds[..watched], driver::until(acceptor.wake_at(), Instant::now())) {
+            gate::wait_failed(&e);
+            continue;
         }
         if fds[0].revents != 0 {
             return; // dropping `listener` closes it
         }
-        if backoff_until.is_some_and(|until| Instant::now() < until) {
-            continue;
-        }
-        // After a back-off, accept until WouldBlock without waiting for
-        // readiness: connections queued meanwhile must not wait for another.
-        backoff_until = None;
-        loop {
-            match accept_one(&listener, &shared.registry) {
-                Accepted::Conn(sock, peer) => admit(shared, sock, peer),
-                Accepted::Empty => break,
-                Accepted::BackOff => {
-                    backoff_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                    break;
-                }
-            }
-        }
+        acceptor.on_timer(Instant::now());
+        acceptor.accept_all(&listener, &shared.gate, |sock, handle| admit(shared, sock, handle));
     }
 }
 
-/// Registers a connection and starts its thread (or rejects it).
-fn admit(shared: &Arc<Shared>, sock: Socket, peer: std::net::SocketAddr) {
-    // Accepted sockets inherit nothing useful here: set both timeouts
-    // explicitly (they bound any blocking call; ours use MSG_DONTWAIT).
-    let _ = sock.set_read_timeout(shared.config.read_timeout);
-    let _ = sock.set_write_timeout(shared.config.write_timeout);
-    let admitting = shared.admitting.lock().unwrap_or_else(|e| e.into_inner());
-    if !*admitting {
-        // Stop began: this one was still in the accept queue, where the
-        // kernel would have reset it; do the same, uncounted.
-        let _ = sock.set_linger(Some(Duration::ZERO));
-        return;
-    }
-    let Some(link) = Link::admit(&shared.registry, shared.config.limits(), sock, peer) else {
-        return; // over max_connections: closed without reading
-    };
+/// Starts the thread of a connection the gate admitted. If no thread can be
+/// spawned, the link inside the closure is dropped with it and closes as
+/// `io_error`: nothing panics.
+fn admit(shared: &Arc<Shared>, sock: Socket, handle: ConnHandle) {
+    let seen = Arc::new(AtomicBool::new(false));
+    // A thread blocked in send cannot read: the core reads only once every
+    // answer is written, and stops the read clock meanwhile.
+    let limits = Limits { read_while_writing: false, ..shared.config.limits() };
+    let link = Link::new(Parked::new(sock, Arc::clone(&seen)), handle, limits);
     let name = format!("connlab-blocking-{}", link.id());
-    // The closure owns the link; if spawning fails it comes back.
-    let slot = Arc::new(Mutex::new(Some(link)));
-    let taken = Arc::clone(&slot);
     let thread_shared = Arc::clone(shared);
     let spawned = ServerThread::spawn(name, Some(shared.config.thread_stack), move || {
-        let _alive = thread_shared.registry.thread_guard();
-        if let Some(link) = taken.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            serve(&thread_shared, link);
-        }
+        let _alive = thread_shared.gate.registry().thread_guard();
+        interrupt::accept_wake(thread_shared.wake_signal);
+        serve(&thread_shared.gate, link);
     });
-    drop(admitting);
-    match spawned {
-        Ok(thread) => shared.threads.push(thread),
-        Err(err) => {
-            // No thread for it: it closes with io_error, nothing panics.
-            if let Some(link) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                link.fail(&err);
-            }
-        }
+    if let Ok(thread) = spawned {
+        shared.threads.push(thread, seen);
     }
 }
 
-/// Serves one connection until it is closed.
-fn serve(shared: &Shared, mut link: Link) {
-    let fd = link.fd();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut hangup = false;
+/// Serves one connection until it is closed. A blocking socket is always
+/// "ready": the next call blocks until it is, or until the deadline.
+fn serve(gate: &Gate, mut link: Link<Parked>) {
+    let mut buf: Vec<u8> = Vec::with_capacity(IDLE_CHUNK);
     loop {
-        let interest = match link.drive(&mut buf, shared.stop.grace_end(), hangup) {
+        let interest = match link.drive(&mut buf, gate, false) {
             Next::Done => return,
             Next::Wait(interest) => interest,
         };
-        if link.is_idle() {
-            buf = Vec::new(); // an idle connection holds no buffer
+        if !interest.read && !interest.write {
+            // The core always reads or writes while it is open; a thread
+            // with nothing to block in would spin.
+            link.fail(&io::Error::other("connection has nothing to wait for"));
+            return;
         }
-        let mut events = 0;
-        if interest.read {
-            events |= libc::POLLIN;
+        if link.is_idle() && buf.capacity() > IDLE_CHUNK {
+            buf = Vec::with_capacity(IDLE_CHUNK); // the driver grows it when busy
         }
-        if interest.write {
-            events |= libc::POLLOUT;
+        link.ready(true, true, false);
+    }
+}
+
+/// A connection socket in blocking mode.
+#[derive(Debug)]
+struct Parked {
+    /// The socket.
+    sock: Socket,
+    /// `SO_RCVTIMEO` as last set (`None`: not set yet).
+    recv_timeout: Option<Option<Duration>>,
+    /// `SO_SNDTIMEO` as last set (`None`: not set yet).
+    send_timeout: Option<Option<Duration>>,
+    /// Set once the thread has seen the stop: `stop` wakes it until then.
+    seen: Arc<AtomicBool>,
+}
+
+impl Parked {
+    fn new(sock: Socket, seen: Arc<AtomicBool>) -> Self {
+        // A failure means the connection is dead already; its first call
+        // reports it as its error.
+        let _ = sock.set_nonblocking(false);
+        Parked { sock, recv_timeout: None, send_timeout: None, seen }
+    }
+}
+
+/// What is left until `deadline` as a socket timeout: `None` blocks without
+/// limit; never zero, which would mean the same.
+fn timeout_until(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|at| at.saturating_duration_since(Instant::now()).max(Duration::from_micros(1)))
+}
+
+/// Whether a socket timeout as set (`have`) can stay for `want`.
+fn close_enough(have: Option<Option<Duration>>, want: Option<Duration>) -> bool {
+    match (have, want) {
+        (Some(None), None) => true,
+        (Some(Some(have)), Some(want)) => have.abs_diff(want) <= TIMEOUT_SLACK,
+        _ => false,
+    }
+}
+
+impl Io for Parked {
+    /// A blocking send cut short by its timeout returns what it wrote without
+    /// saying when it last made progress, and the core counts the write
+    /// clock from its return. So it waits a quarter of what the deadline
+    /// leaves (all of it once that is short): the progress it reports is
+    /// late by that much at most, well inside the write timeout's bound.
+    fn send(&mut self, data: &[u8], deadline: Option<Instant>) -> io::Result<usize> {
+        let want = timeout_until(deadline).map(|left| if left > SEND_SPLIT { left / 4 } else { left });
+        if !close_enough(self.send_timeout, want) {
+            self.sock.set_write_timeout(want)?;
+            self.send_timeout = Some(want);
         }
-        let mut fds = [sys::pollfd(fd, events), sys::pollfd(shared.stop.fd(), libc::POLLIN)];
-        let watched = if link.stop_seen() { 1 } else { 2 };
-        match sys::poll(&mut fds[..watched], driver::until(interest.deadline, Instant::now())) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                link.fail(&e);
-                return;
-            }
+        sys::send(self.sock.as_raw_fd(), data, 0)
+    }
+
+    fn recv(&mut self, buf: &mut Vec<u8>, deadline: Option<Instant>) -> io::Result<usize> {
+        let want = timeout_until(deadline);
+        if !close_enough(self.recv_timeout, want) {
+            self.sock.set_read_timeout(want)?;
+            self.recv_timeout = Some(want);
         }
-        let revents = fds[0].revents;
-        hangup = revents & (libc::POLLHUP | libc::POLLERR) != 0;
-        link.ready(
-            revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
-            revents & libc::POLLOUT != 0,
-            false,
-        );
+        sys::recv_into(self.sock.as_raw_fd(), buf, 0)
+    }
+
+    fn stop_seen(&mut self) {
+        self.seen.store(true, Ordering::Release);
+    }
+}
+
+impl AsFd for Parked {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
     }
 }

@@ -7,145 +7,93 @@
 //! `revents`, which is what this architecture costs and what it shows.
 
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use slab::Slab;
 use socket2::Socket;
 
-use super::driver::{self, Interest, Link, Next, Timers, READ_CHUNK};
-use super::{accept_one, start_error, Accepted, BackendKind, Server, ACCEPT_BACKOFF};
 use crate::config::{Config, Error};
-use crate::registry::Registry;
-use crate::shutdown::{ServerThread, StopPoint, StopReport, StopSignal};
-use crate::sys;
+use crate::conn::Limits;
+use crate::driver::{self, Link, Next, Timers, READ_CHUNK};
+use crate::gate::{self, Acceptor, Gate};
+use crate::kind::BackendKind;
+use crate::server::{LoopThread, Served};
+use crate::sys::{self, Waker};
 
-/// Index of the stop eventfd in the pollfd array.
+/// Index of the stop eventfd in the pollfd array (fd −1 once seen).
 const STOP: usize = 0;
 /// Index of the listener (fd −1 while ignored or closed).
 const LISTENER: usize = 1;
 /// Index of the first connection.
 const FIRST: usize = 2;
 
-/// What the loop thread shares with `stop`.
-#[derive(Debug)]
-struct Shared {
-    /// The server's registry.
-    registry: Arc<Registry>,
-    /// Per-connection limits.
-    config: Config,
-    /// Raised by `stop`.
-    stop: StopSignal,
-    /// Counts when the listener closed.
-    stop_point: StopPoint,
-}
-
-/// The `poll` backend.
-#[derive(Debug)]
-pub struct PollServer {
-    /// State shared with the loop.
-    shared: Arc<Shared>,
-    /// The loop thread; taken by the first `stop`.
-    thread: Mutex<Option<ServerThread>>,
-}
-
-impl PollServer {
-    /// Starts the loop on `listener`.
-    pub(super) fn start(config: Config, listener: Socket, registry: Arc<Registry>) -> Result<Self, Error> {
-        let stop = StopSignal::new().map_err(start_error("creating the stop eventfd"))?;
-        let shared = Arc::new(Shared { registry, config, stop, stop_point: StopPoint::default() });
-        let thread = {
-            let shared = Arc::clone(&shared);
-            ServerThread::spawn("connlab-poll".into(), None, move || PollLoop::new(&shared, listener).run())
-                .map_err(start_error("spawning the loop thread"))?
-        };
-        Ok(PollServer { shared, thread: Mutex::new(Some(thread)) })
-    }
-}
-
-impl Server for PollServer {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Poll
-    }
-
-    fn registry(&self) -> &Registry {
-        &self.shared.registry
-    }
-
-    fn stop(&self, grace: Duration) -> StopReport {
-        let started = Instant::now();
-        let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            return StopReport::default();
-        };
-        self.shared.stop.raise(crate::shutdown::grace_end(started, grace));
-        thread.join();
-        self.shared.stop.close();
-        self.shared.stop_point.report(&self.shared.registry, started)
-    }
-}
-
-impl Drop for PollServer {
-    fn drop(&mut self) {
-        self.stop(Duration::ZERO);
-    }
+/// Starts the loop on `listener`.
+pub(crate) fn start(config: Config, listener: Socket, gate: Arc<Gate>) -> Result<Served<LoopThread>, Error> {
+    let waker = Waker::new().map_err(Error::starting("creating the stop eventfd"))?;
+    let poll_loop = PollLoop::new(Arc::clone(&gate), config.limits(), listener, &waker);
+    LoopThread::serve(BackendKind::Poll, gate, waker, move || poll_loop.run())
 }
 
 /// The loop's state.
-struct PollLoop<'a> {
-    /// Shared with `stop`.
-    shared: &'a Shared,
+#[derive(Debug)]
+struct PollLoop {
+    /// Admission and the published stop.
+    gate: Arc<Gate>,
+    /// Per-connection limits.
+    limits: Limits,
     /// The listener until stop closes it.
     listener: Option<Socket>,
+    /// The EMFILE back-off.
+    acceptor: Acceptor,
     /// What `poll` watches: [stop, listener, connections...].
     fds: Vec<libc::pollfd>,
     /// The slab key of the connection at each index of `fds` (from FIRST).
     owners: Vec<usize>,
     /// Open connections and their index in `fds`.
-    links: Slab<(Link, usize)>,
+    links: Slab<(Link<Socket>, usize)>,
     /// Their deadlines.
     timers: Timers,
     /// The loop's one read buffer.
     scratch: Vec<u8>,
-    /// While set, the listener is left out of the poll set.
-    backoff_until: Option<Instant>,
-    /// Connections with events in the last wake: reused between wakes.
+    /// Connections with events in the last wake, or just accepted: reused.
     ready: Vec<(usize, libc::c_short)>,
 }
 
-impl<'a> PollLoop<'a> {
-    fn new(shared: &'a Shared, listener: Socket) -> Self {
-        let fds = vec![
-            sys::pollfd(shared.stop.fd(), libc::POLLIN),
-            sys::pollfd(listener.as_raw_fd(), libc::POLLIN),
-        ];
+impl PollLoop {
+    fn new(gate: Arc<Gate>, limits: Limits, listener: Socket, stop: &Waker) -> Self {
+        let fds =
+            vec![sys::pollfd(stop.raw(), libc::POLLIN), sys::pollfd(listener.as_raw_fd(), libc::POLLIN)];
         PollLoop {
-            shared,
+            gate,
+            limits,
             listener: Some(listener),
+            acceptor: Acceptor::default(),
             fds,
             owners: vec![usize::MAX, usize::MAX],
             links: Slab::new(),
             timers: Timers::default(),
             scratch: Vec::with_capacity(READ_CHUNK),
-            backoff_until: None,
             ready: Vec::new(),
         }
     }
 
     fn run(mut self) {
-        let _alive = self.shared.registry.thread_guard();
+        let _alive = self.gate.registry().thread_guard();
         while self.listener.is_some() || !self.links.is_empty() {
-            let wake_at = [self.timers.next(), self.backoff_until].into_iter().flatten().min();
-            match sys::poll(&mut self.fds, driver::until(wake_at, Instant::now())) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                // Only a lack of kernel memory (ENOMEM) gets here: wait as
-                // for EMFILE rather than spin or give up.
-                Err(_) => std::thread::sleep(ACCEPT_BACKOFF),
+            // Level-triggered: while backing off, the listener leaves the set,
+            // or every poll would return at once for it.
+            let listening = self.listener.as_ref().filter(|_| self.acceptor.listening());
+            self.fds[LISTENER].fd = listening.map_or(-1, |l| l.as_raw_fd());
+            let wake_at = [self.timers.next(), self.acceptor.wake_at()].into_iter().flatten().min();
+            if let Err(e) = sys::poll(&mut self.fds, driver::until(wake_at, Instant::now())) {
+                gate::wait_failed(&e);
+                continue;
             }
-            if self.fds[STOP].revents != 0 && self.listener.is_some() {
+            if self.fds[STOP].revents != 0 {
                 self.close_listener();
             }
-            if self.fds[LISTENER].revents != 0 {
+            if self.acceptor.on_timer(Instant::now()) || self.fds[LISTENER].revents != 0 {
                 self.accept_all();
             }
             self.ready.clear();
@@ -166,11 +114,6 @@ impl<'a> PollLoop<'a> {
                 self.step(key, hangup);
             }
             let now = Instant::now();
-            if self.backoff_until.is_some_and(|until| until <= now) {
-                self.backoff_until = None;
-                self.fds[LISTENER].fd = self.listener.as_ref().map_or(-1, |l| l.as_raw_fd());
-                self.accept_all();
-            }
             while let Some((key, id, at)) = self.timers.pop_due(now) {
                 if self.links.get_mut(key).is_some_and(|(link, _)| Timers::claim(link, id, at)) {
                     self.step(key, false);
@@ -179,54 +122,43 @@ impl<'a> PollLoop<'a> {
         }
     }
 
-    /// Stop step 1, then 2–4: close the listener, record the counts, and let
-    /// every connection see the stop.
+    /// Stop began (the gate is closed): close the listener and let every
+    /// connection see the stop. The stop eventfd stays readable: it leaves
+    /// the set.
     fn close_listener(&mut self) {
         self.listener = None;
-        self.fds[LISTENER].fd = -1;
-        // The stop eventfd stays readable: leave it out from now on.
         self.fds[STOP].fd = -1;
-        self.shared.stop_point.record(&self.shared.registry);
+        self.fds[LISTENER].fd = -1;
         let keys: Vec<usize> = self.links.iter().map(|(key, _)| key).collect();
         for key in keys {
             self.step(key, false);
         }
     }
 
-    /// Accepts until WouldBlock (or a resource error starts a back-off).
+    /// Accepts until WouldBlock or a back-off, then drives the new ones.
     fn accept_all(&mut self) {
-        loop {
-            let Some(listener) = &self.listener else { return };
-            match accept_one(listener, &self.shared.registry) {
-                Accepted::Conn(sock, peer) => {
-                    let limits = self.shared.config.limits();
-                    let Some(link) = Link::admit(&self.shared.registry, limits, sock, peer) else {
-                        continue; // over max_connections: closed without reading
-                    };
-                    let fd = link.fd();
-                    let key = self.links.insert((link, self.fds.len()));
-                    self.fds.push(sys::pollfd(fd, 0));
-                    self.owners.push(key);
-                    self.step(key, false);
-                }
-                Accepted::Empty => return,
-                Accepted::BackOff => {
-                    // Level-triggered: the listener must leave the set, or
-                    // every poll would return at once for it.
-                    self.backoff_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                    self.fds[LISTENER].fd = -1;
-                    return;
-                }
-            }
+        let Some(listener) = &self.listener else { return };
+        let (links, fds, owners, ready, limits) =
+            (&mut self.links, &mut self.fds, &mut self.owners, &mut self.ready, self.limits);
+        ready.clear();
+        self.acceptor.accept_all(listener, &self.gate, |sock, handle| {
+            let link = Link::new(sock, handle, limits);
+            let fd = link.fd();
+            let key = links.insert((link, fds.len()));
+            fds.push(sys::pollfd(fd, 0));
+            owners.push(key);
+            ready.push((key, 0));
+        });
+        for i in 0..self.ready.len() {
+            self.step(self.ready[i].0, false);
         }
     }
 
     /// Drives one connection and updates its pollfd, or removes both.
     fn step(&mut self, key: usize, hangup: bool) {
-        let grace_end = if self.listener.is_none() { self.shared.stop.grace_end() } else { None };
         let (link, index) = &mut self.links[key];
         let index = *index;
-        match link.drive(&mut self.scratch, grace_end, hangup) {
+        match link.drive(&mut self.scratch, &self.gate, hangup) {
             Next::Done => {
                 self.links.remove(key);
                 self.fds.swap_remove(index);
@@ -235,17 +167,10 @@ impl<'a> PollLoop<'a> {
                     self.links[moved].1 = index;
                 }
             }
-            Next::Wait(Interest { read, write, deadline }) => {
-                let mut events = 0;
-                if read {
-                    events |= libc::POLLIN;
-                }
-                if write {
-                    events |= libc::POLLOUT;
-                }
-                self.fds[index].events = events;
+            Next::Wait(interest) => {
+                self.fds[index].events = interest.poll_events();
                 self.fds[index].revents = 0;
-                self.timers.schedule(key, link, deadline);
+                self.timers.schedule(key, link, interest.deadline);
             }
         }
     }

@@ -10,20 +10,22 @@
 //! new one. The worker that woke for a connection keeps it until it would
 //! block: a hand-off costs a cross-CPU wake-up, not one per frame.
 
-use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use slab::Slab;
 use socket2::Socket;
 
-use super::driver::{self, Interest, Link, Next, Timers, READ_CHUNK};
-use super::{accept_one, start_error, Accepted, BackendKind, Server, ACCEPT_BACKOFF};
 use crate::config::{Config, Error};
-use crate::registry::Registry;
-use crate::shutdown::{self, ServerThread, StopPoint, StopReport};
-use crate::sys::{self, Epoll, Waker};
+use crate::conn::Limits;
+use crate::driver::{self, Link, Next, Timers, READ_CHUNK};
+use crate::gate::{self, Acceptor, Gate};
+use crate::kind::BackendKind;
+use crate::server::{LoopThread, Served};
+use crate::shutdown::Tids;
+use crate::sys::{Epoll, Waker};
 
 /// epoll data of the stop eventfd; connections use their slab key.
 const STOP: u64 = u64::MAX;
@@ -37,7 +39,7 @@ const LISTENER: u64 = u64::MAX - 2;
 #[allow(clippy::large_enum_variant, reason = "boxing the link would allocate on every hand-off")]
 enum Slot {
     /// In the table, armed in epoll.
-    Idle(Link),
+    Idle(Link<Socket>),
     /// With a worker. `timer_lost` is set when its heap entry came due
     /// meanwhile: the worker must then schedule it afresh.
     Busy { timer_lost: bool },
@@ -55,41 +57,21 @@ struct Table {
     planned_wake: Option<Instant>,
 }
 
-/// A ready connection on its way to a worker.
-#[derive(Debug)]
-struct Job {
-    /// Its slab key.
-    key: usize,
-    /// The connection.
-    link: Link,
-    /// What epoll reported (none for a timer or the stop sweep).
-    readable: bool,
-    /// What epoll reported.
-    writable: bool,
-    /// EPOLLHUP or EPOLLERR.
-    hangup: bool,
-}
+/// A ready connection on its way to a worker: its slab key, the link (with
+/// what epoll reported recorded), and whether epoll reported a hang-up.
+type Job = (usize, Link<Socket>, bool);
 
 /// What the dispatcher, the workers and `stop` share.
 #[derive(Debug)]
 struct Shared {
-    /// The server's registry.
-    registry: Arc<Registry>,
-    /// Limits, workers, stack size.
-    config: Config,
+    /// Admission and the published stop.
+    gate: Arc<Gate>,
+    /// Per-connection limits.
+    limits: Limits,
     /// Readiness of the listener, the eventfds and every idle connection.
     epoll: Epoll,
-    /// Readable once `stop` began.
-    stop: Waker,
     /// Workers write it to wake the dispatcher.
     notify: Waker,
-    /// The grace end as `stop` asked it.
-    grace_asked: OnceLock<Instant>,
-    /// The grace end once the listener is closed: connections see the stop
-    /// from then on.
-    grace_end: OnceLock<Instant>,
-    /// Counts when the listener closed.
-    stop_point: StopPoint,
     /// The connections.
     table: Mutex<Table>,
 }
@@ -100,139 +82,58 @@ impl Shared {
     }
 }
 
-/// The `pool` backend.
-#[derive(Debug)]
-pub struct PoolServer {
-    /// The server's registry (also in `Shared`, which `stop` drops).
-    registry: Arc<Registry>,
-    /// The threads and what they share; taken by `stop`.
-    running: Mutex<Option<Running>>,
-}
-
-/// A running pool server: its threads and what they share.
-#[derive(Debug)]
-struct Running {
-    /// State shared with the threads; the last reference, once they are
-    /// gone, so dropping it closes the epoll and eventfd fds.
-    shared: Arc<Shared>,
-    /// The dispatcher.
-    dispatcher: ServerThread,
-    /// The workers.
-    workers: threadpool::ThreadPool,
-    /// Kernel ids of the workers, for waiting until they are gone.
-    worker_tids: Arc<Mutex<Vec<libc::pid_t>>>,
-}
-
-impl PoolServer {
-    /// Starts the dispatcher and the workers on `listener`.
-    pub(super) fn start(config: Config, listener: Socket, registry: Arc<Registry>) -> Result<Self, Error> {
-        let epoll = Epoll::new().map_err(start_error("creating the epoll instance"))?;
-        let stop = Waker::new().map_err(start_error("creating the stop eventfd"))?;
-        let notify = Waker::new().map_err(start_error("creating the notify eventfd"))?;
-        let level = libc::EPOLLIN as u32;
-        epoll.add(stop.raw(), level, STOP).map_err(start_error("registering the stop eventfd"))?;
-        epoll.add(notify.raw(), level, NOTIFY).map_err(start_error("registering the notify eventfd"))?;
-        epoll.add(listener.as_raw_fd(), level, LISTENER).map_err(start_error("registering the listener"))?;
-        let workers = config.workers;
-        let stack = config.thread_stack.max(256 << 10);
-        let shared = Arc::new(Shared {
-            registry: Arc::clone(&registry),
-            config,
-            epoll,
-            stop,
-            notify,
-            grace_asked: OnceLock::new(),
-            grace_end: OnceLock::new(),
-            stop_point: StopPoint::default(),
-            table: Mutex::new(Table::default()),
+/// Starts the dispatcher, which owns the workers, on `listener`.
+pub(crate) fn start(config: Config, listener: Socket, gate: Arc<Gate>) -> Result<Served<LoopThread>, Error> {
+    let epoll = Epoll::new().map_err(Error::starting("creating the epoll instance"))?;
+    let stop = Waker::new().map_err(Error::starting("creating the stop eventfd"))?;
+    let notify = Waker::new().map_err(Error::starting("creating the notify eventfd"))?;
+    let level = libc::EPOLLIN as u32;
+    epoll.add(stop.raw(), level, STOP).map_err(Error::starting("registering the stop eventfd"))?;
+    epoll.add(notify.raw(), level, NOTIFY).map_err(Error::starting("registering the notify eventfd"))?;
+    epoll.add(listener.as_raw_fd(), level, LISTENER).map_err(Error::starting("registering the listener"))?;
+    let table = Mutex::new(Table::default());
+    let shared = Arc::new(Shared { gate: Arc::clone(&gate), limits: config.limits(), epoll, notify, table });
+    let (jobs, jobs_rx) = crossbeam_channel::unbounded::<Job>();
+    let workers = threadpool::Builder::new()
+        .num_threads(config.workers)
+        .thread_name("connlab-pool".into())
+        .thread_stack_size(config.thread_stack.max(256 << 10))
+        .build();
+    let worker_tids = Tids::default();
+    for _ in 0..config.workers {
+        let (shared, jobs, tids) = (Arc::clone(&shared), jobs_rx.clone(), worker_tids.clone());
+        workers.execute(move || {
+            tids.record_current();
+            work(&shared, &jobs);
         });
-        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
-        let pool = threadpool::Builder::new()
-            .num_threads(workers)
-            .thread_name("connlab-pool".into())
-            .thread_stack_size(stack)
-            .build();
-        let worker_tids = Arc::new(Mutex::new(Vec::with_capacity(workers)));
-        for _ in 0..workers {
-            let (shared, jobs, tids) = (Arc::clone(&shared), jobs_rx.clone(), Arc::clone(&worker_tids));
-            pool.execute(move || {
-                tids.lock().unwrap_or_else(|e| e.into_inner()).push(sys::gettid());
-                work(&shared, &jobs);
-            });
-        }
-        drop(jobs_rx);
-        let dispatcher = {
-            let shared = Arc::clone(&shared);
-            ServerThread::spawn("connlab-pool".into(), None, move || {
-                Dispatcher::new(&shared, listener, jobs_tx).run()
-            })
-            .map_err(start_error("spawning the dispatcher thread"))?
-        };
-        let running = Running { shared, dispatcher, workers: pool, worker_tids };
-        Ok(PoolServer { registry, running: Mutex::new(Some(running)) })
     }
-}
-
-impl Server for PoolServer {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Pool
-    }
-
-    fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    fn stop(&self, grace: Duration) -> StopReport {
-        let started = Instant::now();
-        let Some(running) = self.running.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            return StopReport::default();
-        };
-        let shared = running.shared;
-        let _ = shared.grace_asked.set(crate::shutdown::grace_end(started, grace));
-        shared.stop.wake().expect("writing to an eventfd cannot fail");
-        // The dispatcher closes the listener, lets every connection drain or
-        // be forced, and returns once the table is empty; dropping its job
-        // sender ends the workers' loops.
-        running.dispatcher.join();
-        running.workers.join();
-        drop(running.workers); // its threads exit once their job queue closes
-        for tid in running.worker_tids.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            shutdown::wait_gone(tid);
-        }
-        let report = shared.stop_point.report(&self.registry, started);
-        debug_assert_eq!(Arc::strong_count(&shared), 1, "every thread dropped its reference");
-        drop(shared); // closes the epoll instance and both eventfds
-        report
-    }
-}
-
-impl Drop for PoolServer {
-    fn drop(&mut self) {
-        self.stop(Duration::ZERO);
-    }
+    let (listener, acceptor, stop_fd) = (Some(listener), Acceptor::default(), stop.raw());
+    let dispatcher = Dispatcher { shared, listener, acceptor, stop_fd, jobs, workers, worker_tids };
+    LoopThread::serve(BackendKind::Pool, gate, stop, move || dispatcher.run())
 }
 
 /// The dispatcher's state.
-struct Dispatcher<'a> {
-    /// Shared with the workers and `stop`.
-    shared: &'a Shared,
+#[derive(Debug)]
+struct Dispatcher {
+    /// Shared with the workers.
+    shared: Arc<Shared>,
     /// The listener until stop closes it.
     listener: Option<Socket>,
-    /// Where ready connections go.
+    /// The EMFILE back-off.
+    acceptor: Acceptor,
+    /// The stop eventfd (owned by the server), readable once stop began.
+    stop_fd: RawFd,
+    /// Where ready connections go; dropping it ends the workers' loops.
     jobs: Sender<Job>,
-    /// While set, the listener is out of the epoll set (EMFILE back-off).
-    backoff_until: Option<Instant>,
-    /// Whether stop began.
-    stopping: bool,
+    /// The workers.
+    workers: threadpool::ThreadPool,
+    /// Kernel ids of the workers, for waiting until they are gone.
+    worker_tids: Tids,
 }
 
-impl<'a> Dispatcher<'a> {
-    fn new(shared: &'a Shared, listener: Socket, jobs: Sender<Job>) -> Self {
-        Dispatcher { shared, listener: Some(listener), jobs, backoff_until: None, stopping: false }
-    }
-
+impl Dispatcher {
     fn run(mut self) {
-        let _alive = self.shared.registry.thread_guard();
+        let _alive = self.shared.gate.registry().thread_guard();
         let mut events: Vec<libc::epoll_event> = Vec::with_capacity(1024);
         loop {
             let wake_at = {
@@ -240,187 +141,149 @@ impl<'a> Dispatcher<'a> {
                 if self.listener.is_none() && table.slots.is_empty() {
                     break;
                 }
-                let wake_at = [table.timers.next(), self.backoff_until].into_iter().flatten().min();
+                let wake_at = [table.timers.next(), self.acceptor.wake_at()].into_iter().flatten().min();
                 table.planned_wake = wake_at;
                 wake_at
             };
-            match self.shared.epoll.wait(&mut events, driver::until(wake_at, Instant::now())) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                // Only a lack of kernel memory (ENOMEM) gets here: wait as
-                // for EMFILE rather than spin or give up.
-                Err(_) => std::thread::sleep(ACCEPT_BACKOFF),
+            if let Err(e) = self.shared.epoll.wait(&mut events, driver::until(wake_at, Instant::now())) {
+                gate::wait_failed(&e);
+                continue;
+            }
+            let mut stopping = false;
+            let mut accept = self.acceptor.on_timer(Instant::now());
+            if let (true, Some(listener)) = (accept, &self.listener) {
+                // Back in the set after a back-off.
+                let _ = self.shared.epoll.add(listener.as_raw_fd(), libc::EPOLLIN as u32, LISTENER);
             }
             for event in &events {
                 let (flags, data) = (event.events, event.u64);
                 match data {
-                    STOP => self.stopping = true,
+                    STOP => stopping = true,
                     NOTIFY => self.shared.notify.drain(),
-                    LISTENER => self.accept_all(),
-                    key => {
-                        let hangup = flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
-                        let readable = flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
-                        let writable = flags & libc::EPOLLOUT as u32 != 0;
-                        self.dispatch(key as usize, readable, writable, hangup);
-                    }
+                    LISTENER => accept = true,
+                    key => self.dispatch(&mut self.shared.table(), key as usize, flags),
                 }
             }
-            let now = Instant::now();
-            if self.backoff_until.is_some_and(|until| until <= now) {
-                self.backoff_until = None;
-                if let Some(listener) = &self.listener {
-                    let _ = self.shared.epoll.add(listener.as_raw_fd(), libc::EPOLLIN as u32, LISTENER);
-                }
+            if accept {
                 self.accept_all();
             }
-            self.fire_timers(now);
-            if self.stopping && self.listener.is_some() {
+            self.fire_timers(Instant::now());
+            if stopping {
                 self.close_listener();
             }
         }
-        // Dropping `self.jobs` here ends the workers' loops.
+        // Every connection is closed: end the workers, join them, and see
+        // them gone; the last reference to `shared` closes the epoll fd.
+        let Dispatcher { jobs, workers, worker_tids, .. } = self;
+        drop(jobs);
+        workers.join();
+        drop(workers);
+        worker_tids.wait_gone();
     }
 
-    /// Hands the idle connection in `key` to a worker (one-shot: epoll will
-    /// not report it again until the worker re-arms it).
-    fn dispatch(&self, key: usize, readable: bool, writable: bool, hangup: bool) {
-        let link = {
-            let mut table = self.shared.table();
-            match table.slots.get_mut(key) {
-                Some(slot @ Slot::Idle(_)) => match std::mem::replace(slot, Slot::Busy { timer_lost: false })
-                {
-                    Slot::Idle(link) => link,
-                    Slot::Busy { .. } => unreachable!("matched Idle"),
-                },
-                // A hang-up reported while a worker holds it: the worker sees
-                // it on its next read or write.
-                _ => return,
-            }
+    /// Hands the idle connection in `key` to a worker with what epoll
+    /// reported (`flags`; none for a timer or the stop sweep). One-shot:
+    /// epoll will not report it again until the worker re-arms it.
+    fn dispatch(&self, table: &mut Table, key: usize, flags: u32) {
+        // Busy: a hang-up reported while a worker holds it shows on its next call.
+        let Some(slot @ Slot::Idle(_)) = table.slots.get_mut(key) else { return };
+        let Slot::Idle(mut link) = std::mem::replace(slot, Slot::Busy { timer_lost: false }) else {
+            unreachable!("matched Idle")
         };
-        self.send(Job { key, link, readable, writable, hangup });
-    }
-
-    fn send(&self, job: Job) {
-        // The workers outlive the dispatcher, so the channel is open.
-        self.jobs.send(job).expect("workers are running");
+        let (hangup, out) = ((libc::EPOLLHUP | libc::EPOLLERR) as u32, libc::EPOLLOUT as u32);
+        link.ready(flags & (hangup | libc::EPOLLIN as u32) != 0, flags & out != 0, false);
+        send(&self.jobs, (key, link, flags & hangup != 0));
     }
 
     /// Sends every idle connection whose deadline came to a worker.
     fn fire_timers(&self, now: Instant) {
-        let mut due = Vec::new();
-        {
-            let mut table = self.shared.table();
-            let table = &mut *table;
-            while let Some((key, id, at)) = table.timers.pop_due(now) {
-                match table.slots.get_mut(key) {
-                    Some(Slot::Idle(link)) => due.extend(Timers::claim(link, id, at).then_some(key)),
-                    Some(Slot::Busy { timer_lost }) => *timer_lost = true,
-                    None => {}
-                }
+        let mut guard = self.shared.table();
+        let (table, mut due) = (&mut *guard, Vec::new());
+        while let Some((key, id, at)) = table.timers.pop_due(now) {
+            match table.slots.get_mut(key) {
+                Some(Slot::Idle(link)) => due.extend(Timers::claim(link, id, at).then_some(key)),
+                Some(Slot::Busy { timer_lost }) => *timer_lost = true,
+                None => {}
             }
         }
-        for key in due {
-            self.dispatch(key, false, false, false);
-        }
+        due.into_iter().for_each(|key| self.dispatch(table, key, 0));
     }
 
-    /// Stop step 1, then 2–4: close the listener, record the counts, publish
-    /// the grace, and send every idle connection to a worker to see it.
-    /// Busy ones see it when their worker gives them back (under the same
-    /// lock, so none is missed).
+    /// Stop began (the gate is closed): close the listener and send every
+    /// idle connection to a worker to see the stop. Busy ones see it when
+    /// their worker gives them back, under the table's lock, so none is
+    /// missed.
     fn close_listener(&mut self) {
         if let Some(listener) = self.listener.take() {
             let _ = self.shared.epoll.delete(listener.as_raw_fd());
         }
-        let _ = self.shared.epoll.delete(self.shared.stop.raw());
-        self.shared.stop_point.record(&self.shared.registry);
-        let idle: Vec<usize> = {
-            let table = self.shared.table();
-            let grace_end = self.shared.grace_asked.get().copied().unwrap_or_else(Instant::now);
-            let _ = self.shared.grace_end.set(grace_end);
-            table.slots.iter().filter(|(_, slot)| matches!(slot, Slot::Idle(_))).map(|(key, _)| key).collect()
-        };
-        for key in idle {
-            self.dispatch(key, false, false, false);
-        }
+        let _ = self.shared.epoll.delete(self.stop_fd);
+        let mut table = self.shared.table();
+        let idle: Vec<usize> =
+            table.slots.iter().filter(|(_, s)| matches!(s, Slot::Idle(_))).map(|(k, _)| k).collect();
+        idle.into_iter().for_each(|key| self.dispatch(&mut table, key, 0));
     }
 
-    /// Accepts until WouldBlock (or a resource error starts a back-off).
+    /// Accepts until WouldBlock or a back-off; each new connection goes to a
+    /// worker, registered disarmed (the worker arms it after its first drive).
     fn accept_all(&mut self) {
-        if self.backoff_until.is_some() {
-            return;
-        }
-        loop {
-            let Some(listener) = &self.listener else { return };
-            match accept_one(listener, &self.shared.registry) {
-                Accepted::Conn(sock, peer) => {
-                    let limits = self.shared.config.limits();
-                    let Some(link) = Link::admit(&self.shared.registry, limits, sock, peer) else {
-                        continue; // over max_connections: closed without reading
-                    };
-                    let fd = link.fd();
-                    let key = self.shared.table().slots.insert(Slot::Busy { timer_lost: false });
-                    // Registered disarmed; the worker arms it for what the
-                    // core wants after its first drive.
-                    match self.shared.epoll.add(fd, libc::EPOLLONESHOT as u32, key as u64) {
-                        Ok(()) => self.send(Job { key, link, readable: true, writable: true, hangup: false }),
-                        Err(err) => {
-                            self.shared.table().slots.remove(key);
-                            link.fail(&err);
-                        }
-                    }
-                }
-                Accepted::Empty => return,
-                Accepted::BackOff => {
-                    // Level-triggered: the listener leaves the set, or every
-                    // wait would return at once for it.
-                    let _ = self.shared.epoll.delete(listener.as_raw_fd());
-                    self.backoff_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                    return;
+        let Some(listener) = &self.listener else { return };
+        let (shared, jobs) = (&self.shared, &self.jobs);
+        self.acceptor.accept_all(listener, &shared.gate, |sock, handle| {
+            let link = Link::new(sock, handle, shared.limits);
+            let key = shared.table().slots.insert(Slot::Busy { timer_lost: false });
+            match shared.epoll.add(link.fd(), libc::EPOLLONESHOT as u32, key as u64) {
+                Ok(()) => send(jobs, (key, link, false)),
+                Err(err) => {
+                    shared.table().slots.remove(key);
+                    link.fail(&err);
                 }
             }
+        });
+        if !self.acceptor.listening() {
+            // Level-triggered: while backing off the listener leaves the set,
+            // or every wait would return at once for it.
+            let _ = self.shared.epoll.delete(listener.as_raw_fd());
         }
     }
 }
 
+/// Hands a job to the workers, which outlive the dispatcher: the channel is
+/// open.
+fn send(jobs: &Sender<Job>, job: Job) {
+    jobs.send(job).expect("workers are running");
+}
+
 /// A worker: serves connections from `jobs` until the dispatcher is gone.
 fn work(shared: &Shared, jobs: &Receiver<Job>) {
-    let _alive = shared.registry.thread_guard();
+    let _alive = shared.gate.registry().thread_guard();
     let mut scratch: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    for Job { key, mut link, readable, writable, hangup } in jobs.iter() {
-        link.ready(readable, writable, false);
-        let mut hangup = hangup;
+    for (key, mut link, mut hangup) in jobs.iter() {
         loop {
-            let next = link.drive(&mut scratch, shared.grace_end.get().copied(), hangup);
+            let next = link.drive(&mut scratch, &shared.gate, hangup);
             hangup = false;
             let mut guard = shared.table();
-            let Next::Wait(Interest { read, write, deadline }) = next else {
+            let Next::Wait(interest) = next else {
                 guard.slots.remove(key);
                 drop(guard);
-                if shared.grace_end.get().is_some() {
+                if shared.gate.grace_end().is_some() {
                     shared.notify.wake().expect("writing to an eventfd cannot fail");
                 }
                 break;
             };
-            if shared.grace_end.get().is_some() && !link.stop_seen() {
+            if shared.gate.grace_end().is_some() && !link.stop_seen() {
                 continue; // stop began while it was busy: let it see the stop
             }
             let table = &mut *guard;
             if let Some(Slot::Busy { timer_lost: true }) = table.slots.get(key) {
                 link.scheduled = None;
             }
-            let earlier = deadline.is_some_and(|at| table.planned_wake.is_none_or(|wake| at < wake));
-            table.timers.schedule(key, &mut link, deadline);
-            let mut events = libc::EPOLLONESHOT as u32;
-            if read {
-                events |= libc::EPOLLIN as u32;
-            }
-            if write {
-                events |= libc::EPOLLOUT as u32;
-            }
+            let earlier = interest.deadline.is_some_and(|at| table.planned_wake.is_none_or(|wake| at < wake));
+            table.timers.schedule(key, &mut link, interest.deadline);
             let fd = link.fd();
             table.slots[key] = Slot::Idle(link);
             // Re-armed under the lock: an event firing at once finds it idle.
+            let events = libc::EPOLLONESHOT as u32 | interest.epoll_events();
             if let Err(err) = shared.epoll.modify(fd, events, key as u64) {
                 let Some(Slot::Idle(link)) = table.slots.try_remove(key) else { unreachable!("just put") };
                 link.fail(&err);

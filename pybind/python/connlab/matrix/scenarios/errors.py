@@ -184,9 +184,11 @@ def pump_until_writing(ctx: Context, handle: Handle, sock: socket.socket, peer: 
     """Pipelines frames without reading until the server holds answers it cannot write, so it stays
     Writing until the RST. With `connections()`: until it shows Writing with a deep answer queue
     (bytes read but not yet written): every frame's answer is Writing for a moment, but a queue
-    this deep means the socket refuses the server's writes (the client's 4 KiB window is shut).
+    this deep means the socket refuses the server's writes (the client's 4 KiB window is shut); or
+    until it shows Writing while the client's sends have been refused for a while: a server that
+    stops reading while it cannot write (a thread blocked in send) never holds a deep queue.
     Without it: until the client's sends stall, since the server only stops reading once its
-    queued output is over max_pending_output."""
+    queued output is over max_pending_output (or while it is blocked writing)."""
     frame = encode(bytes(min(64 << 10, int(handle.kwargs["max_frame"]))))
     stream = memoryview(frame * 16)  # whole frames, so wrapping around keeps the framing
     deep = min(1 << 20, int(handle.kwargs["max_pending_output"]) // 2)
@@ -195,19 +197,29 @@ def pump_until_writing(ctx: Context, handle: Handle, sock: socket.socket, peer: 
     if not has_view:
         ctx.note("E4 Writing: inferred from the client's stalled sends (no connections() on this target)")
     sock.setblocking(False)
-    offset, deadline = 0, time.monotonic() + 2.0
+    offset, deadline, stalled_since = 0, time.monotonic() + 2.0, None
     try:
         while True:
             conn = conn_of(handle, peer) if has_view else None
-            if conn and conn["state"] == "Writing" and conn["bytes_in"] - conn["bytes_out"] >= deep:
-                return
-            check(time.monotonic() < deadline, f"server never showed Writing with a {deep} B queue: {conn}")
+            if conn and conn["state"] == "Writing":
+                if conn["bytes_in"] - conn["bytes_out"] >= deep:
+                    return
+                if stalled_since is not None and time.monotonic() - stalled_since >= stall:
+                    return
+            check(
+                time.monotonic() < deadline,
+                f"server never showed Writing with a {deep} B queue or with the client's sends "
+                f"refused: {conn}",
+            )
             try:
                 offset = (offset + sock.send(stream[offset:])) % len(stream)
+                stalled_since = None
             except BlockingIOError:
                 _, writable, _ = select.select([], [sock], [], 0.005 if has_view else stall)
                 if not writable and not has_view:
                     return
+                if not writable and stalled_since is None:
+                    stalled_since = time.monotonic()
     finally:
         sock.settimeout(5.0)
 
