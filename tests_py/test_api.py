@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import socket
 import threading
 import time
@@ -134,6 +136,42 @@ def test_destruction_stops_without_grace(leak_guard, connlab_backend: str) -> No
     with pytest.raises(ConnectionResetError):
         client.recv(1)
     client.close()
+
+
+def _caught_signals() -> int:
+    """The process's caught-signal mask as the kernel reports it (SigCgt)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+
+
+def test_python_signal_handling_is_untouched(make_server: ServerFactory) -> None:
+    """`blocking` wakes its parked threads with a real-time signal of its own: every handler the
+    process had stays installed, at most that one signal is added, and a signal Python handles
+    still reaches Python while connection threads are parked and while they are woken."""
+    got: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        before = _caught_signals()
+        server = make_server(idle_timeout=None)
+        clients = [connect(server.address) for _ in range(3)]
+        wait_until(lambda: server.stats()["active"] == 3, what="3 connections registered")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        wait_until(lambda: got == [signal.SIGUSR1], what="SIGUSR1 delivered to Python")
+        report = server.stop(5.0)
+        # Idle connections close at once: their parked threads were woken, not left to the grace.
+        assert report["drained"] == 3 and report["elapsed_s"] < 2.0, report
+        for client in clients:
+            client.close()
+        after = _caught_signals()
+        assert before & ~after == 0, f"handlers lost: {before & ~after:#x}"
+        added = [n + 1 for n in range(64) if (after & ~before) >> n & 1]
+        # 32 and 33, below SIGRTMIN, are the C library's own (cancellation, setxid), set on first use.
+        ours = [n for n in added if n >= signal.SIGRTMIN]
+        assert len(ours) <= 1 and all(n > signal.SIGSYS for n in added), added
+        os.kill(os.getpid(), signal.SIGUSR1)
+        wait_until(lambda: len(got) == 2, what="SIGUSR1 delivered to Python after stop")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_stop_releases_the_gil(make_server: ServerFactory) -> None:

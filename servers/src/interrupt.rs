@@ -142,3 +142,46 @@ impl ParkedThreads {
         threads.into_iter().for_each(|p| p.thread.join());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use socket2::{Domain, Socket, Type};
+
+    use super::*;
+
+    /// A thread that needs three wake-ups before it says it saw the stop (as
+    /// if the first two had landed just before its call): `wake_all` keeps
+    /// sending until it says so, and each send ends a parked call with EINTR.
+    #[test]
+    fn wake_all_resends_until_the_thread_has_seen_the_stop() {
+        let sig = wake_signal().expect("a free real-time signal");
+        assert_eq!(wake_signal().unwrap(), sig, "installed once");
+        let (sock, _peer) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+        let seen = Arc::new(AtomicBool::new(false));
+        let interrupted = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let (seen, interrupted) = (Arc::clone(&seen), Arc::clone(&interrupted));
+            ServerThread::spawn("connlab-test".into(), None, move || {
+                accept_wake(sig);
+                let mut buf = Vec::with_capacity(16);
+                loop {
+                    // Parked: nothing ever arrives on this socket.
+                    let res = crate::sys::recv_into(std::os::fd::AsRawFd::as_raw_fd(&sock), &mut buf, 0);
+                    assert_eq!(res.unwrap_err().kind(), io::ErrorKind::Interrupted);
+                    if interrupted.fetch_add(1, Ordering::SeqCst) + 1 == 3 {
+                        seen.store(true, Ordering::Release);
+                        return;
+                    }
+                }
+            })
+            .unwrap()
+        };
+        let parked = ParkedThreads::default();
+        parked.push(thread, seen);
+        parked.wake_all(sig);
+        parked.join_all();
+        assert_eq!(interrupted.load(Ordering::SeqCst), 3);
+    }
+}
