@@ -13,10 +13,10 @@ export PIP_QUIET := 1
 .PHONY: help setup build lint fmt rust-test py-test test compare clean
 
 help:
-	@echo "make test     set up, then fmt check, clippy -D warnings, cargo test, ruff, pytest"
+	@echo "make test     set up, then fmt check, clippy and rustdoc -D warnings, cargo test, ruff, pytest"
 	@echo "make compare  set up, then the matrix and the benchmark over every backend, as reports/latest/"
 	@echo "make build    build the native module into .venv (release)"
-	@echo "make lint     cargo fmt --check, clippy -D warnings, ruff"
+	@echo "make lint     cargo fmt --check, clippy -D warnings, rustdoc -D warnings, ruff"
 	@echo "make fmt      format Rust and Python sources"
 
 $(STAMP): pyproject.toml requirements-dev.txt
@@ -34,6 +34,7 @@ build: setup
 lint: setup
 	cargo fmt --all --check
 	RUSTFLAGS="-D warnings" RUSTDOCFLAGS="-D warnings" cargo clippy --workspace --all-targets --locked -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 	$(BIN)/ruff check pybind/python tests_py
 	$(BIN)/ruff format --check pybind/python tests_py
 

@@ -2,7 +2,7 @@
 //! for Python.
 //!
 //! Thin on purpose: argument conversion and validation, one error conversion
-//! ([`NativeError`]), and dict/tuple views of the registry and of load
+//! (`NativeError`), and dict/tuple views of the registry and of load
 //! reports (`load`). Every call that can block (start, stop, snapshots that
 //! take a lock, load runs) releases the GIL.
 

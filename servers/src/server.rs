@@ -1,4 +1,4 @@
-//! The [`Server`] trait every backend is used through, and [`Served`], the
+//! The [`Server`] trait every backend is used through, and `Served`, the
 //! one implementation of it: stop runs once, a second call returns a zero
 //! report, and dropping a server stops it with no grace.
 

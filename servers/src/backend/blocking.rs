@@ -7,12 +7,15 @@
 //! `recv` or `send`: one call per read and one per write, nothing else per
 //! frame. The core's deadline (idle, read, write, linger, grace) bounds each
 //! call as `SO_RCVTIMEO` / `SO_SNDTIMEO`, set only when it moved, so a steady
-//! connection pays no extra syscall for it. A parked thread holds a small
-//! read buffer ([`IDLE_CHUNK`]) that grows while a connection is busy.
+//! connection pays no extra syscall for it. A thread blocked in `send` is not
+//! reading, so its core has `read_while_writing` off: it parses what it has
+//! read, answers it in one write, and reads again once that is written. A
+//! parked thread holds a small read buffer (`IDLE_CHUNK`) that grows while
+//! its connection is busy.
 //!
 //! `stop` must drain, so it cannot close or shut down sockets under parked
 //! threads. It wakes each thread with a real-time signal
-//! ([`crate::interrupt`]): the parked call returns EINTR, the thread sees the
+//! (`interrupt.rs`): the parked call returns EINTR, the thread sees the
 //! stop through the gate, and from then on the grace bounds its calls. A
 //! wake that lands just before a thread enters its call is lost, so the
 //! signal is sent again until that thread says it has seen the stop.
