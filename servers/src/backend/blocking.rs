@@ -40,7 +40,7 @@ use crate::shutdown::ServerThread;
 use crate::sys::{self, Waker};
 
 /// The read buffer a connection thread keeps while its connection is idle.
-const IDLE_CHUNK: usize = 4 << 10;
+const IDLE_CHUNK: usize = 512;
 
 /// A socket timeout set this close to what the deadline leaves is kept:
 /// re-setting it per call would cost a syscall per frame, and an early
