@@ -366,7 +366,12 @@ impl Conn {
     pub fn wants_read(&self) -> bool {
         match self.phase() {
             None => !self.paused && !self.peer_eof && self.read_waits_since.is_none(),
-            Some(Phase::Flush { .. }) | Some(Phase::Linger { .. }) => !self.peer_eof,
+            // A graceful close reads and discards while it flushes, unless
+            // the backend cannot read while it writes.
+            Some(Phase::Flush { .. }) => {
+                !self.peer_eof && (self.limits.read_while_writing || !self.wants_write())
+            }
+            Some(Phase::Linger { .. }) => !self.peer_eof,
             Some(Phase::Done { .. }) => false,
         }
     }
@@ -573,7 +578,11 @@ impl Conn {
                 // journaled even when the whole header came in this step.
                 self.consumed_any = true;
                 self.idle_since = None;
-                self.read_deadline = self.limits.read_timeout.map(|t| now + t);
+                // A frame begun while reading waits for the answers (its bytes
+                // were read before) starts its clock when reading resumes:
+                // anchored at the wait's start, the resume moves it on.
+                let start = self.read_waits_since.unwrap_or(now);
+                self.read_deadline = self.limits.read_timeout.map(|t| start + t);
                 self.journal(now, obs);
             }
             let (n, what) = self.decoder.decode(&input[used..]);

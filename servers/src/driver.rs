@@ -8,7 +8,7 @@
 //! net: a link dropped while open still closes its socket and leaves the
 //! registry, so no backend's unwinding leaves a phantom.
 //!
-//! The loop is generic over [`Io`], the two calls in which backends' sockets
+//! The loop is generic over [`Io`], the calls in which backends' sockets
 //! differ: a non-blocking [`Socket`] (`poll`, `epoll`, `pool`), a tokio
 //! stream through its readiness API (`tokio`), or a blocking socket bounded
 //! by the core's deadline (`blocking`). What a backend adds is only how it
@@ -40,6 +40,10 @@ pub(crate) const READ_CHUNK: usize = 64 << 10;
 /// driver does through the fd ([`AsFd`]): `shutdown(SHUT_WR)`, `SO_ERROR`,
 /// `FIONREAD`, `SO_LINGER`.
 pub(crate) trait Io: AsFd {
+    /// Whether a call may block for long (so the driver reads the clock
+    /// again after it).
+    const MAY_BLOCK: bool = false;
+
     /// Sends from `data` without raising SIGPIPE. WouldBlock means "not now";
     /// a call that blocks is bounded by the core's `deadline`.
     fn send(&mut self, data: &[u8], deadline: Option<Instant>) -> io::Result<usize>;
@@ -208,13 +212,11 @@ impl<I: Io> Link<I> {
                 }
                 Action::Close | Action::Abort => break Next::Done,
             }
-            let mut progressed = false;
             if conn.wants_write() && self.writable {
-                progressed = true;
                 let pending = conn.pending().len();
                 let sent = io.send(conn.pending(), conn.deadline());
-                // Taken after the call: a blocking one may have waited long.
-                let now = Instant::now();
+                // Taken after the call when it may have blocked for long.
+                let now = if I::MAY_BLOCK { Instant::now() } else { now };
                 match sent {
                     // A zero-byte send of a non-empty buffer is a short write.
                     Ok(n) => {
@@ -225,15 +227,18 @@ impl<I: Io> Link<I> {
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => conn.on_error(&e, now, handle),
                 }
+                // The action and the clocks first: a graceful close that has
+                // flushed half-closes before any further read (which would
+                // block a blocking socket).
+                continue;
             }
             if conn.wants_read() && self.readable {
-                progressed = true;
                 if scratch.capacity() == 0 {
                     scratch.reserve_exact(READ_CHUNK);
                 }
                 scratch.clear();
                 let received = io.recv(scratch, conn.deadline());
-                let now = Instant::now();
+                let now = if I::MAY_BLOCK { Instant::now() } else { now };
                 match received {
                     Ok(0) => conn.on_eof(now, handle),
                     Ok(n) => {
@@ -252,15 +257,20 @@ impl<I: Io> Link<I> {
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => conn.on_error(&e, now, handle),
                 }
-            }
-            if progressed {
                 continue;
             }
-            if hangup && !conn.wants_read() && !conn.wants_write() {
-                hangup = false;
-                match SockRef::from(&*io).take_error() {
-                    Ok(Some(e)) | Err(e) => conn.on_error(&e, now, handle),
-                    Ok(None) => conn.on_eof(now, handle),
+            if !conn.wants_read() && !conn.wants_write() {
+                if hangup {
+                    hangup = false;
+                    match SockRef::from(&*io).take_error() {
+                        Ok(Some(e)) | Err(e) => conn.on_error(&e, now, handle),
+                        Ok(None) => conn.on_eof(now, handle),
+                    }
+                } else {
+                    // An open core always reads or writes; waiting for
+                    // neither would never end (and would spin a blocking
+                    // backend).
+                    conn.on_error(&io::Error::other("connection has nothing to wait for"), now, handle);
                 }
                 continue;
             }
@@ -318,15 +328,11 @@ pub(crate) struct Timers {
 
 impl Timers {
     /// Schedules `link`, living in `slot`, for its `deadline` if earlier than
-    /// what it has. Returns whether an entry was pushed.
-    pub fn schedule<I: Io>(&mut self, slot: usize, link: &mut Link<I>, deadline: Option<Instant>) -> bool {
-        match deadline {
-            Some(at) if link.scheduled.is_none_or(|s| at < s) => {
-                link.scheduled = Some(at);
-                self.heap.push(Reverse((at, slot, link.id())));
-                true
-            }
-            _ => false,
+    /// what it has.
+    pub fn schedule<I: Io>(&mut self, slot: usize, link: &mut Link<I>, deadline: Option<Instant>) {
+        if let Some(at) = deadline.filter(|&at| link.scheduled.is_none_or(|s| at < s)) {
+            link.scheduled = Some(at);
+            self.heap.push(Reverse((at, slot, link.id())));
         }
     }
 
@@ -362,4 +368,93 @@ impl Timers {
 /// Time until `at` (none: wait forever).
 pub(crate) fn until(at: Option<Instant>, now: Instant) -> Option<Duration> {
     at.map(|at| at.saturating_duration_since(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::mem::MaybeUninit;
+    use std::net::SocketAddr;
+    use std::os::fd::BorrowedFd;
+    use std::sync::Arc;
+
+    use socket2::{Domain, Type};
+
+    use super::*;
+    use crate::kind::BackendKind;
+    use crate::registry::Registry;
+
+    /// A blocking socket played from a script: each `recv` returns the next
+    /// chunk; one with nothing left would block, so it records whether the
+    /// write side was shut down by then and returns WouldBlock (a timeout).
+    struct Scripted {
+        /// The connection's end of a socket pair (for the fd calls).
+        sock: Socket,
+        /// The other end: EOF there means `shutdown(SHUT_WR)` was done.
+        peer: Socket,
+        /// What each `recv` returns, in order.
+        input: VecDeque<Vec<u8>>,
+        /// Everything sent.
+        sent: Vec<u8>,
+        /// For each `recv` that would have blocked: whether the write side
+        /// was shut down before it.
+        blocked: Vec<bool>,
+    }
+
+    impl AsFd for Scripted {
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            self.sock.as_fd()
+        }
+    }
+
+    impl Io for Scripted {
+        const MAY_BLOCK: bool = true;
+
+        fn send(&mut self, data: &[u8], _: Option<Instant>) -> io::Result<usize> {
+            self.sent.extend_from_slice(data);
+            Ok(data.len())
+        }
+
+        fn recv(&mut self, buf: &mut Vec<u8>, _: Option<Instant>) -> io::Result<usize> {
+            if let Some(chunk) = self.input.pop_front() {
+                assert!(chunk.len() <= buf.capacity() - buf.len(), "the script fits the buffer");
+                buf.extend_from_slice(&chunk);
+                return Ok(chunk.len());
+            }
+            let mut byte = [MaybeUninit::uninit()];
+            let half_closed = matches!(self.peer.recv(&mut byte), Ok(0));
+            self.blocked.push(half_closed);
+            Err(ErrorKind::WouldBlock.into())
+        }
+    }
+
+    /// A blocking socket whose read fills the buffer exactly with a frame and
+    /// a header over `max_frame`: the answer is flushed and the write side
+    /// shut down before the thread blocks in `recv` again (else it would
+    /// wait there, half-close never sent, with no clock running).
+    #[test]
+    fn a_blocking_close_half_closes_before_it_blocks_in_recv() {
+        let (sock, peer) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let gate = Gate::new(Arc::new(Registry::new(BackendKind::Blocking, addr, 1, 0)));
+        let handle = gate.admit(&sock, addr).expect("admitted");
+        let mut input = crate::codec::encode(&[7; 100]);
+        input.extend_from_slice(&crate::codec::header(2000));
+        input.resize(512, 9);
+        let second = 1 << 10;
+        let io =
+            Scripted { sock, peer, input: VecDeque::from([input]), sent: Vec::new(), blocked: Vec::new() };
+        let limits = Limits {
+            max_frame: second as u32,
+            read_while_writing: false,
+            ..crate::Config::default().limits()
+        };
+        let mut link = Link::new(io, handle, limits);
+        let mut scratch = Vec::with_capacity(512);
+        assert!(matches!(link.drive(&mut scratch, &gate, false), Next::Wait(Interest { read: true, .. })));
+        let io = link.io().expect("lingering, still open");
+        assert_eq!(io.sent, crate::codec::encode(&[7; 100]), "the answer before the violation");
+        assert_eq!(io.blocked, [true], "the one blocking recv came after the half-close");
+    }
 }

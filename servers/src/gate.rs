@@ -72,8 +72,8 @@ impl Gate {
         self.registry.register(peer)
     }
 
-    /// Ends admission (stop, steps 1–4): takes the counts and publishes the
-    /// end of the grace. Returns false if it was closed already.
+    /// Ends admission (the start of stop's step 1): takes the counts and
+    /// publishes the end of the grace. Returns false if it was closed already.
     pub fn close(&self, grace_end: Instant) -> bool {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if !*open {

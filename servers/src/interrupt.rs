@@ -20,40 +20,44 @@ use crate::shutdown::ServerThread;
 /// Does nothing: its one effect is that the interrupted call returns EINTR.
 extern "C" fn on_wake(_: libc::c_int) {}
 
-/// The wake signal, installed once per process.
+/// The wake signal, chosen once per process.
 static WAKE_SIGNAL: OnceLock<Result<libc::c_int, i32>> = OnceLock::new();
+
+/// The current disposition of `sig`, if it can be read.
+fn disposition(sig: libc::c_int) -> Option<libc::sighandler_t> {
+    // SAFETY: a zeroed sigaction is a valid out-parameter.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null `act` only reads the disposition into `old`.
+    (unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } == 0).then_some(old.sa_sigaction)
+}
+
+/// Installs the do-nothing handler on `sig`, without `SA_RESTART` (the parked
+/// call must return EINTR). Returns whether it is installed.
+fn install(sig: libc::c_int) -> bool {
+    // SAFETY: a zeroed sigaction is valid; every field that matters is set
+    // below.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = on_wake as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // On the thread's alternate stack where it has one: a connection
+    // thread's own stack may be small.
+    act.sa_flags = libc::SA_ONSTACK;
+    // SAFETY: `act.sa_mask` is a valid sigset to initialize.
+    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    // SAFETY: `act` is fully initialized and the handler is async-signal-safe
+    // (it does nothing).
+    unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) == 0 }
+}
 
 /// The wake signal's number, installing its handler the first time: the
 /// highest real-time signal whose disposition is still the default.
 pub(crate) fn wake_signal() -> io::Result<libc::c_int> {
-    let installed = WAKE_SIGNAL.get_or_init(|| {
-        for sig in (libc::SIGRTMIN()..=libc::SIGRTMAX()).rev() {
-            // SAFETY: a zeroed sigaction is a valid out-parameter; a null
-            // `act` only reads the current disposition.
-            let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
-            // SAFETY: `old` is a valid sigaction to write into.
-            if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
-                continue;
-            }
-            if old.sa_sigaction != libc::SIG_DFL {
-                continue;
-            }
-            // SAFETY: a zeroed sigaction is valid; every field that matters
-            // is set below (no SA_RESTART: the parked call must return EINTR).
-            let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-            act.sa_sigaction = on_wake as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            act.sa_flags = 0;
-            // SAFETY: `act.sa_mask` is a valid sigset to initialize.
-            unsafe { libc::sigemptyset(&mut act.sa_mask) };
-            // SAFETY: `act` is fully initialized and the handler is
-            // async-signal-safe (it does nothing).
-            if unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) } == 0 {
-                return Ok(sig);
-            }
-        }
-        Err(libc::EBUSY)
+    let chosen = WAKE_SIGNAL.get_or_init(|| {
+        (libc::SIGRTMIN()..=libc::SIGRTMAX())
+            .rev()
+            .find(|&sig| disposition(sig) == Some(libc::SIG_DFL) && install(sig))
+            .ok_or(libc::EBUSY)
     });
-    installed.map_err(|errno| {
+    chosen.map_err(|errno| {
         io::Error::new(
             io::Error::from_raw_os_error(errno).kind(),
             "no real-time signal is free to wake parked threads",
@@ -115,6 +119,11 @@ impl ParkedThreads {
     /// returned, again every millisecond until none is left. Call once the
     /// stop is published and no thread can be added any more.
     pub fn wake_all(&self, sig: libc::c_int) {
+        // A real-time signal's default action ends the process: should the
+        // host have reset it since, the handler goes back first.
+        if disposition(sig) == Some(libc::SIG_DFL) {
+            install(sig);
+        }
         let guard = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let mut waiting = 0;

@@ -86,7 +86,7 @@ pub(crate) trait Running: Send + fmt::Debug {
     /// every connection so it sees the stop, wait until each one is closed
     /// (by the end of the grace at the latest), join every thread and close
     /// every fd.
-    fn take_down(self, gate: &Gate);
+    fn take_down(self);
 }
 
 /// A started backend, served through [`Server`].
@@ -118,11 +118,12 @@ impl<R: Running> Server for Served<R> {
 
     fn stop(&self, grace: Duration) -> StopReport {
         let started = Instant::now();
-        let Some(running) = self.running.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            return StopReport::default();
-        };
+        // Held to the end: a concurrent second call returns its zeros once
+        // the server is down.
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(running) = running.take() else { return StopReport::default() };
         self.gate.close(shutdown::grace_end(started, grace));
-        running.take_down(&self.gate);
+        running.take_down();
         self.gate.report(started)
     }
 }
@@ -160,7 +161,7 @@ impl LoopThread {
 }
 
 impl Running for LoopThread {
-    fn take_down(self, _gate: &Gate) {
+    fn take_down(self) {
         self.waker.wake().expect("writing to an eventfd cannot fail");
         self.thread.join();
         drop(self.waker);

@@ -1108,6 +1108,43 @@ fn without_read_while_writing_the_read_clock_stands_still_while_writing() {
     assert_eq!(slow.reason(), Some(CloseReason::WriteTimeout));
 }
 
+/// A frame held back by backpressure while reading waited for the answers
+/// starts its clock when reading resumes, not a second time later.
+#[test]
+fn without_read_while_writing_a_held_frame_starts_its_clock_on_resume() {
+    let lim = Limits {
+        read_while_writing: false,
+        max_pending_output: 8,
+        read_timeout: Some(secs(1)),
+        ..no_clocks()
+    };
+    let mut h = H::new(lim);
+    let stream = frames(&[b"0123456789", b"abc"]);
+    h.read(ms(0), &stream[..16]); // a whole frame (paused after it) and 2 bytes of the next
+    h.flush(secs(60));
+    assert_eq!(h.deadline(), Some(secs(61)), "the held frame's clock runs from the resume");
+}
+
+/// Without `read_while_writing`, a graceful close does not read while its
+/// flush is pending: a blocking backend would sit in `recv` instead of
+/// finishing the flush and half-closing.
+#[test]
+fn without_read_while_writing_a_close_flushes_before_it_reads() {
+    let mut h = H::new(Limits { read_while_writing: false, max_frame: 10, ..limits() });
+    let mut stream = frame(b"abc");
+    stream.extend_from_slice(&header(11));
+    h.read(ms(1), &stream);
+    assert_eq!(h.reason(), Some(CloseReason::ProtocolError));
+    assert!(h.conn.wants_write() && !h.conn.wants_read(), "flush first");
+    assert_eq!(h.flush(ms(2)), frame(b"abc"));
+    assert_eq!(h.action(), Action::ShutdownWrite);
+    h.shutdown_write(ms(3));
+    assert!(h.conn.wants_read(), "then the lingering read");
+    let mut both = H::new(Limits { max_frame: 10, ..limits() });
+    both.read(ms(1), &stream);
+    assert!(both.conn.wants_write() && both.conn.wants_read(), "by default it reads while it flushes");
+}
+
 // ---------------------------------------------------------------------------
 // Half-close, protocol errors, the close sequences.
 // ---------------------------------------------------------------------------

@@ -6,12 +6,12 @@
 //! That thread's socket is in blocking mode, and the thread sits inside
 //! `recv` or `send`: one call per read and one per write, nothing else per
 //! frame. The core's deadline (idle, read, write, linger, grace) bounds each
-//! call as `SO_RCVTIMEO` / `SO_SNDTIMEO`, set only when it moved, so a steady
-//! connection pays no extra syscall for it. A thread blocked in `send` is not
+//! call as `SO_RCVTIMEO` / `SO_SNDTIMEO`, kept while it ends no later than
+//! the deadline, so a steady connection pays no extra syscall for it. A thread blocked in `send` is not
 //! reading, so its core has `read_while_writing` off: it parses what it has
 //! read, answers it in one write, and reads again once that is written. A
-//! parked thread holds a small read buffer (`IDLE_CHUNK`) that grows while
-//! its connection is busy.
+//! parked thread holds a read buffer for twice its last read (`IDLE_CHUNK`
+//! at least), so a connection's usual frame comes in one `recv`.
 //!
 //! `stop` must drain, so it cannot close or shut down sockets under parked
 //! threads. It wakes each thread with a real-time signal
@@ -30,7 +30,7 @@ use socket2::Socket;
 
 use crate::config::{Config, Error};
 use crate::conn::Limits;
-use crate::driver::{self, Io, Link, Next};
+use crate::driver::{self, Io, Link, Next, READ_CHUNK};
 use crate::gate::{self, Acceptor, Gate};
 use crate::interrupt::{self, ParkedThreads};
 use crate::kind::BackendKind;
@@ -42,9 +42,9 @@ use crate::sys::{self, Waker};
 /// The read buffer a connection thread keeps while its connection is idle.
 const IDLE_CHUNK: usize = 512;
 
-/// A socket timeout set this close to what the deadline leaves is kept:
-/// re-setting it per call would cost a syscall per frame, and an early
-/// expiry is only a spurious wake-up (the core decides what expired).
+/// A socket timeout that ends this little after the deadline is kept:
+/// re-setting it per call would cost a syscall per frame (the deadline moves
+/// with every frame), and the kernel counts in jiffies anyway.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(2);
 
 /// Above this, a blocking send waits a quarter of what its deadline leaves.
@@ -91,7 +91,7 @@ pub(crate) fn start(config: Config, listener: Socket, gate: Arc<Gate>) -> Result
 }
 
 impl Running for Threads {
-    fn take_down(self, _gate: &Gate) {
+    fn take_down(self) {
         // The listener closes when the acceptor returns; no thread is
         // started after that.
         self.accept_stop.wake().expect("writing to an eventfd cannot fail");
@@ -154,14 +154,16 @@ fn serve(gate: &Gate, mut link: Link<Parked>) {
             Next::Done => return,
             Next::Wait(interest) => interest,
         };
-        if !interest.read && !interest.write {
-            // The core always reads or writes while it is open; a thread
-            // with nothing to block in would spin.
-            link.fail(&io::Error::other("connection has nothing to wait for"));
-            return;
-        }
-        if link.is_idle() && buf.capacity() > IDLE_CHUNK {
-            buf = Vec::with_capacity(IDLE_CHUNK); // the driver grows it when busy
+        debug_assert!(interest.read || interest.write, "the driver never waits for nothing");
+        if link.is_idle() {
+            // Parked: room for twice the last read (0 after a timeout or a
+            // wake), so a connection's usual frame fits in one read and a
+            // once-busy connection gives the rest back; the driver grows it
+            // to READ_CHUNK when a read fills it.
+            let want = (buf.len() * 2).next_power_of_two().clamp(IDLE_CHUNK, READ_CHUNK);
+            if buf.capacity() != want {
+                buf = Vec::with_capacity(want);
+            }
         }
         link.ready(true, true, false);
     }
@@ -172,19 +174,18 @@ fn serve(gate: &Gate, mut link: Link<Parked>) {
 struct Parked {
     /// The socket.
     sock: Socket,
-    /// `SO_RCVTIMEO` as last set (`None`: not set yet).
+    /// `SO_RCVTIMEO` as last set (`None`: unknown, not set yet or expired).
     recv_timeout: Option<Option<Duration>>,
-    /// `SO_SNDTIMEO` as last set (`None`: not set yet).
+    /// `SO_SNDTIMEO` as last set (`None`: unknown, not set yet or expired).
     send_timeout: Option<Option<Duration>>,
     /// Set once the thread has seen the stop: `stop` wakes it until then.
     seen: Arc<AtomicBool>,
 }
 
 impl Parked {
+    /// `sock` from `accept(2)`: blocking already (`O_NONBLOCK` is not
+    /// inherited from the listener on Linux), its timeouts set on first use.
     fn new(sock: Socket, seen: Arc<AtomicBool>) -> Self {
-        // A failure means the connection is dead already; its first call
-        // reports it as its error.
-        let _ = sock.set_nonblocking(false);
         Parked { sock, recv_timeout: None, send_timeout: None, seen }
     }
 }
@@ -195,16 +196,30 @@ fn timeout_until(deadline: Option<Instant>) -> Option<Duration> {
     deadline.map(|at| at.saturating_duration_since(Instant::now()).max(Duration::from_micros(1)))
 }
 
-/// Whether a socket timeout as set (`have`) can stay for `want`.
-fn close_enough(have: Option<Option<Duration>>, want: Option<Duration>) -> bool {
+/// Whether a socket timeout as set (`have`) can stay for a call that must
+/// end within `want`: it must not end later (beyond the slack); ending
+/// earlier is a spurious wake-up, after which it is set afresh. So a steady
+/// connection whose deadline moves back and forth sets it rarely.
+fn keeps(have: Option<Option<Duration>>, want: Option<Duration>) -> bool {
     match (have, want) {
-        (Some(None), None) => true,
-        (Some(Some(have)), Some(want)) => have.abs_diff(want) <= TIMEOUT_SLACK,
-        _ => false,
+        (None, _) | (Some(None), Some(_)) => false,
+        (Some(_), None) => true,
+        (Some(Some(have)), Some(want)) => have <= want + TIMEOUT_SLACK,
     }
 }
 
+/// A call's result; a timeout (WouldBlock) leaves the timeout unknown, so the
+/// next call sets what its deadline then leaves.
+fn expired(result: io::Result<usize>, timeout: &mut Option<Option<Duration>>) -> io::Result<usize> {
+    if result.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock) {
+        *timeout = None;
+    }
+    result
+}
+
 impl Io for Parked {
+    const MAY_BLOCK: bool = true;
+
     /// A blocking send cut short by its timeout returns what it wrote without
     /// saying when it last made progress, and the core counts the write
     /// clock from its return. So it waits a quarter of what the deadline
@@ -212,20 +227,20 @@ impl Io for Parked {
     /// late by that much at most, well inside the write timeout's bound.
     fn send(&mut self, data: &[u8], deadline: Option<Instant>) -> io::Result<usize> {
         let want = timeout_until(deadline).map(|left| if left > SEND_SPLIT { left / 4 } else { left });
-        if !close_enough(self.send_timeout, want) {
+        if !keeps(self.send_timeout, want) {
             self.sock.set_write_timeout(want)?;
             self.send_timeout = Some(want);
         }
-        sys::send(self.sock.as_raw_fd(), data, 0)
+        expired(sys::send(self.sock.as_raw_fd(), data, 0), &mut self.send_timeout)
     }
 
     fn recv(&mut self, buf: &mut Vec<u8>, deadline: Option<Instant>) -> io::Result<usize> {
         let want = timeout_until(deadline);
-        if !close_enough(self.recv_timeout, want) {
+        if !keeps(self.recv_timeout, want) {
             self.sock.set_read_timeout(want)?;
             self.recv_timeout = Some(want);
         }
-        sys::recv_into(self.sock.as_raw_fd(), buf, 0)
+        expired(sys::recv_into(self.sock.as_raw_fd(), buf, 0), &mut self.recv_timeout)
     }
 
     fn stop_seen(&mut self) {

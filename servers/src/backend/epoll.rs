@@ -3,8 +3,8 @@
 //! Every connection is registered once for both readable and writable edges;
 //! the driver reads and writes until WouldBlock (or a short read) and
 //! remembers what it has not drained, since an edge is reported only once.
-//! Deadlines live in a heap (the driver's `Timers`), so a tick costs nothing per idle
-//! connection.
+//! Deadlines live in a heap (the driver's `Timers`), so a tick costs nothing
+//! per idle connection.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;

@@ -284,12 +284,14 @@ fn work(shared: &Shared, jobs: &Receiver<Job>) {
             table.slots[key] = Slot::Idle(link);
             // Re-armed under the lock: an event firing at once finds it idle.
             let events = libc::EPOLLONESHOT as u32 | interest.epoll_events();
-            if let Err(err) = shared.epoll.modify(fd, events, key as u64) {
+            let failed = shared.epoll.modify(fd, events, key as u64).err();
+            if let Some(err) = &failed {
                 let Some(Slot::Idle(link)) = table.slots.try_remove(key) else { unreachable!("just put") };
-                link.fail(&err);
+                link.fail(err);
             }
             drop(guard);
-            if earlier {
+            // A stopping dispatcher waits for the table to empty.
+            if earlier || (failed.is_some() && shared.gate.grace_end().is_some()) {
                 shared.notify.wake().expect("writing to an eventfd cannot fail");
             }
             break;

@@ -107,7 +107,7 @@ pub(crate) fn start(config: Config, listener: Socket, gate: Arc<Gate>) -> Result
 }
 
 impl Running for Threads {
-    fn take_down(self, _gate: &Gate) {
+    fn take_down(self) {
         let tids = self.tids.clone();
         // `block_on` and dropping a runtime panic inside an async context; if
         // a caller stops (or drops) the server there, a plain thread waits.
