@@ -10,7 +10,7 @@
 //! new one. The worker that woke for a connection keeps it until it would
 //! block: a hand-off costs a cross-CPU wake-up, not one per frame.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -87,8 +87,9 @@ pub(crate) fn start(config: Config, listener: Socket, gate: Arc<Gate>) -> Result
     let epoll = Epoll::new().map_err(Error::starting("creating the epoll instance"))?;
     let stop = Waker::new().map_err(Error::starting("creating the stop eventfd"))?;
     let notify = Waker::new().map_err(Error::starting("creating the notify eventfd"))?;
-    let level = libc::EPOLLIN as u32;
-    epoll.add(stop.raw(), level, STOP).map_err(Error::starting("registering the stop eventfd"))?;
+    // The stop eventfd one-shot: once stop began it stays readable.
+    let (level, once) = (libc::EPOLLIN as u32, (libc::EPOLLIN | libc::EPOLLONESHOT) as u32);
+    epoll.add(stop.raw(), once, STOP).map_err(Error::starting("registering the stop eventfd"))?;
     epoll.add(notify.raw(), level, NOTIFY).map_err(Error::starting("registering the notify eventfd"))?;
     epoll.add(listener.as_raw_fd(), level, LISTENER).map_err(Error::starting("registering the listener"))?;
     let table = Mutex::new(Table::default());
@@ -102,13 +103,10 @@ pub(crate) fn start(config: Config, listener: Socket, gate: Arc<Gate>) -> Result
     let worker_tids = Tids::default();
     for _ in 0..config.workers {
         let (shared, jobs, tids) = (Arc::clone(&shared), jobs_rx.clone(), worker_tids.clone());
-        workers.execute(move || {
-            tids.record_current();
-            work(&shared, &jobs);
-        });
+        workers.execute(move || work(&shared, &jobs, &tids));
     }
-    let (listener, acceptor, stop_fd) = (Some(listener), Acceptor::default(), stop.raw());
-    let dispatcher = Dispatcher { shared, listener, acceptor, stop_fd, jobs, workers, worker_tids };
+    let (listener, acceptor, workers) = (Some(listener), Acceptor::default(), (workers, worker_tids));
+    let dispatcher = Dispatcher { shared, listener, acceptor, jobs, workers };
     LoopThread::serve(BackendKind::Pool, gate, stop, move || dispatcher.run())
 }
 
@@ -121,14 +119,10 @@ struct Dispatcher {
     listener: Option<Socket>,
     /// The EMFILE back-off.
     acceptor: Acceptor,
-    /// The stop eventfd (owned by the server), readable once stop began.
-    stop_fd: RawFd,
     /// Where ready connections go; dropping it ends the workers' loops.
     jobs: Sender<Job>,
-    /// The workers.
-    workers: threadpool::ThreadPool,
-    /// Kernel ids of the workers, for waiting until they are gone.
-    worker_tids: Tids,
+    /// The workers, and their kernel ids for waiting until they are gone.
+    workers: (threadpool::ThreadPool, Tids),
 }
 
 impl Dispatcher {
@@ -161,7 +155,12 @@ impl Dispatcher {
                     STOP => stopping = true,
                     NOTIFY => self.shared.notify.drain(),
                     LISTENER => accept = true,
-                    key => self.dispatch(&mut self.shared.table(), key as usize, flags),
+                    key => {
+                        let key = key as usize;
+                        let job =
+                            self.shared.table().slots.get_mut(key).and_then(|s| Self::take(s, key, flags));
+                        job.into_iter().for_each(|job| send(&self.jobs, job));
+                    }
                 }
             }
             if accept {
@@ -174,39 +173,41 @@ impl Dispatcher {
         }
         // Every connection is closed: end the workers, join them, and see
         // them gone; the last reference to `shared` closes the epoll fd.
-        let Dispatcher { jobs, workers, worker_tids, .. } = self;
+        let Dispatcher { jobs, workers: (workers, tids), .. } = self;
         drop(jobs);
         workers.join();
         drop(workers);
-        worker_tids.wait_gone();
+        tids.wait_gone();
     }
 
-    /// Hands the idle connection in `key` to a worker with what epoll
-    /// reported (`flags`; none for a timer or the stop sweep). One-shot:
-    /// epoll will not report it again until the worker re-arms it.
-    fn dispatch(&self, table: &mut Table, key: usize, flags: u32) {
-        // Busy: a hang-up reported while a worker holds it shows on its next call.
-        let Some(slot @ Slot::Idle(_)) = table.slots.get_mut(key) else { return };
+    /// Takes an idle connection (`slot`, key `key`) for a worker with what epoll
+    /// reported (`flags`; none for a timer or the stop sweep), to send once the
+    /// lock is released. One-shot: not reported again until re-armed.
+    fn take(slot: &mut Slot, key: usize, flags: u32) -> Option<Job> {
+        let Slot::Idle(_) = slot else { return None };
         let Slot::Idle(mut link) = std::mem::replace(slot, Slot::Busy { timer_lost: false }) else {
             unreachable!("matched Idle")
         };
         let (hangup, out) = ((libc::EPOLLHUP | libc::EPOLLERR) as u32, libc::EPOLLOUT as u32);
         link.ready(flags & (hangup | libc::EPOLLIN as u32) != 0, flags & out != 0, false);
-        send(&self.jobs, (key, link, flags & hangup != 0));
+        Some((key, link, flags & hangup != 0))
     }
 
     /// Sends every idle connection whose deadline came to a worker.
     fn fire_timers(&self, now: Instant) {
-        let mut guard = self.shared.table();
-        let (table, mut due) = (&mut *guard, Vec::new());
-        while let Some((key, id, at)) = table.timers.pop_due(now) {
-            match table.slots.get_mut(key) {
-                Some(Slot::Idle(link)) => due.extend(Timers::claim(link, id, at).then_some(key)),
-                Some(Slot::Busy { timer_lost }) => *timer_lost = true,
-                None => {}
+        let due: Vec<Job> = {
+            let mut guard = self.shared.table();
+            let (table, mut keys) = (&mut *guard, Vec::new());
+            while let Some((key, id, at)) = table.timers.pop_due(now) {
+                match table.slots.get_mut(key) {
+                    Some(Slot::Idle(link)) => keys.extend(Timers::claim(link, id, at).then_some(key)),
+                    Some(Slot::Busy { timer_lost }) => *timer_lost = true,
+                    None => {}
+                }
             }
-        }
-        due.into_iter().for_each(|key| self.dispatch(table, key, 0));
+            keys.into_iter().filter_map(|key| Self::take(&mut table.slots[key], key, 0)).collect()
+        };
+        due.into_iter().for_each(|job| send(&self.jobs, job));
     }
 
     /// Stop began (the gate is closed): close the listener and send every
@@ -214,14 +215,12 @@ impl Dispatcher {
     /// their worker gives them back, under the table's lock, so none is
     /// missed.
     fn close_listener(&mut self) {
-        if let Some(listener) = self.listener.take() {
-            let _ = self.shared.epoll.delete(listener.as_raw_fd());
-        }
-        let _ = self.shared.epoll.delete(self.stop_fd);
+        self.listener = None; // closing it takes it out of the epoll set
         let mut table = self.shared.table();
-        let idle: Vec<usize> =
-            table.slots.iter().filter(|(_, s)| matches!(s, Slot::Idle(_))).map(|(k, _)| k).collect();
-        idle.into_iter().for_each(|key| self.dispatch(&mut table, key, 0));
+        let idle: Vec<Job> =
+            table.slots.iter_mut().filter_map(|(key, slot)| Self::take(slot, key, 0)).collect();
+        drop(table);
+        idle.into_iter().for_each(|job| send(&self.jobs, job));
     }
 
     /// Accepts until WouldBlock or a back-off; each new connection goes to a
@@ -255,7 +254,8 @@ fn send(jobs: &Sender<Job>, job: Job) {
 }
 
 /// A worker: serves connections from `jobs` until the dispatcher is gone.
-fn work(shared: &Shared, jobs: &Receiver<Job>) {
+fn work(shared: &Shared, jobs: &Receiver<Job>, tids: &Tids) {
+    tids.record_current();
     let _alive = shared.gate.registry().thread_guard();
     let mut scratch: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     for (key, mut link, mut hangup) in jobs.iter() {
@@ -263,35 +263,35 @@ fn work(shared: &Shared, jobs: &Receiver<Job>) {
             let next = link.drive(&mut scratch, &shared.gate, hangup);
             hangup = false;
             let mut guard = shared.table();
-            let Next::Wait(interest) = next else {
-                guard.slots.remove(key);
-                drop(guard);
-                if shared.gate.grace_end().is_some() {
-                    shared.notify.wake().expect("writing to an eventfd cannot fail");
+            let (table, stopping) = (&mut *guard, shared.gate.grace_end().is_some());
+            if let Next::Wait(interest) = next {
+                if stopping && !link.stop_seen() {
+                    continue; // stop began while it was busy: let it see the stop
                 }
-                break;
-            };
-            if shared.gate.grace_end().is_some() && !link.stop_seen() {
-                continue; // stop began while it was busy: let it see the stop
+                if let Some(Slot::Busy { timer_lost: true }) = table.slots.get(key) {
+                    link.scheduled = None;
+                }
+                let earlier =
+                    interest.deadline.is_some_and(|at| table.planned_wake.is_none_or(|wake| at < wake));
+                table.timers.schedule(key, &mut link, interest.deadline);
+                // Re-armed under the lock: an event firing at once finds it idle.
+                let events = libc::EPOLLONESHOT as u32 | interest.epoll_events();
+                match shared.epoll.modify(link.fd(), events, key as u64) {
+                    Ok(()) => {
+                        table.slots[key] = Slot::Idle(link);
+                        drop(guard);
+                        if earlier {
+                            shared.notify.wake().expect("writing to an eventfd cannot fail");
+                        }
+                        break;
+                    }
+                    Err(err) => link.fail(&err),
+                }
             }
-            let table = &mut *guard;
-            if let Some(Slot::Busy { timer_lost: true }) = table.slots.get(key) {
-                link.scheduled = None;
-            }
-            let earlier = interest.deadline.is_some_and(|at| table.planned_wake.is_none_or(|wake| at < wake));
-            table.timers.schedule(key, &mut link, interest.deadline);
-            let fd = link.fd();
-            table.slots[key] = Slot::Idle(link);
-            // Re-armed under the lock: an event firing at once finds it idle.
-            let events = libc::EPOLLONESHOT as u32 | interest.epoll_events();
-            let failed = shared.epoll.modify(fd, events, key as u64).err();
-            if let Some(err) = &failed {
-                let Some(Slot::Idle(link)) = table.slots.try_remove(key) else { unreachable!("just put") };
-                link.fail(err);
-            }
+            // Closed: out of the table; a stopping dispatcher waits for it to empty.
+            table.slots.remove(key);
             drop(guard);
-            // A stopping dispatcher waits for the table to empty.
-            if earlier || (failed.is_some() && shared.gate.grace_end().is_some()) {
+            if stopping {
                 shared.notify.wake().expect("writing to an eventfd cannot fail");
             }
             break;
