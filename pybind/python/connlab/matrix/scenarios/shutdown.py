@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from connlab import probe
 from connlab._native import Server
 from connlab.client import abort, encode, read_frame, recv_exact, wait_until
 from connlab.matrix.core import (
@@ -178,10 +179,19 @@ def s2(ctx: Context) -> None:
     frames = [encode(bytes([k]) * MIB) for k in range(10)]
     # A small receive buffer keeps most of each echo queued in the server when stop() begins, so
     # it has answers to drain rather than only idle connections to close.
+    before = probe.socket_inodes(server.pid) if server.pid is not None else set()
     clients = [open_client(server.address, timeout=10.0, rcvbuf=64 << 10) for _ in frames]
     ctx.sockets.extend(clients)
     for client, frame in zip(clients, frames, strict=True):
         client.sendall(frame)
+    if server.pid is not None:
+        # Accepted before the stop: a frame fits in the socket buffers before the server accepts,
+        # and a connection still in the accept queue is reset when stop ends admission (DESIGN §4).
+        pid, own = server.pid, {os.fstat(c.fileno()).st_ino for c in clients}
+        wait_until(
+            lambda: len(probe.socket_inodes(pid) - before - own) >= len(clients),
+            what=f"the server accepted all {len(clients)} connections",
+        )
     got: list[bytearray] = [bytearray() for _ in clients]
     errors: dict[int, str] = {}
     sel = selectors.DefaultSelector()
