@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from connlab import targets
+from connlab._measure import targets
 
 CONNLAB = [sys.executable, "-m", "connlab"]
 TINY = [

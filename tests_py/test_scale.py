@@ -9,8 +9,8 @@ import time
 import pytest
 
 from conftest import ServerFactory
+from connlab._measure.footprint import idle_footprint
 from connlab.client import connect, encode, read_frame, recv_exact, wait_until
-from connlab.footprint import idle_footprint
 
 
 def expected_threads(backend: str, workers: int, connections: int) -> int:

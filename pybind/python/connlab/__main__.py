@@ -2,6 +2,6 @@
 
 import sys
 
-from connlab.cli import main
+from connlab._cli import main
 
 sys.exit(main())

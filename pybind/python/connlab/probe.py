@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import socket
 import struct
 from collections.abc import Iterator, Mapping
@@ -19,18 +20,23 @@ __all__ = [
     "ServerLike",
     "Snapshot",
     "accept_queue",
+    "accepted_socket",
     "cpu_seconds",
     "diag_sockets",
     "fd_count",
     "owned_server_sockets",
     "phantoms",
     "port_view",
+    "process_tree",
+    "raise_nofile",
     "rss_bytes",
+    "server_sockets",
     "snapshot",
     "socket_inodes",
     "thread_count",
     "thread_names",
     "threads_cpu_seconds",
+    "tree_socket_inodes",
 ]
 
 #: The kernel's TCP state codes (include/net/tcp_states.h), as printed in the `st` column of
@@ -293,7 +299,12 @@ def diag_sockets(port: int, listen: bool = False) -> list[tuple[str, int, int]]:
     """(state name, inode, receive queue) of every TCP socket whose local port is `port`, IPv4
     and IPv6, in this network namespace: the LISTEN ones with `listen` (their receive queue is
     the accept queue's length), the others without. Raises OSError where sock_diag is missing."""
-    found: list[tuple[str, int, int]] = []
+    return [(state, inode, rqueue) for state, inode, rqueue, _ in _diag(port, listen)]
+
+
+def _diag(port: int, listen: bool) -> list[tuple[str, int, int, int]]:
+    """`diag_sockets` with each socket's remote port as a fourth field."""
+    found: list[tuple[str, int, int, int]] = []
     states = 1 << _TCP_LISTEN if listen else _ALL_BUT_LISTEN
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
         for family in (socket.AF_INET, socket.AF_INET6):
@@ -313,16 +324,67 @@ def diag_sockets(port: int, listen: bool = False) -> list[tuple[str, int, int]]:
                         (err,) = struct.unpack_from("=i", data, body)
                         raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
                     _, state, _, _ = _DIAG_MSG_HEAD.unpack_from(data, body)
-                    sport = _SOCKID.unpack_from(data, body + _DIAG_MSG_HEAD.size)[0]
+                    sport, dport = _SOCKID.unpack_from(data, body + _DIAG_MSG_HEAD.size)[:2]
                     tail = _DIAG_MSG_TAIL.unpack_from(data, body + _DIAG_MSG_HEAD.size + _SOCKID.size)
                     rqueue, inode = tail[1], tail[4]
                     if sport == port:
                         name = "SYN_RECV" if state == _TCP_NEW_SYN_RECV else TCP_STATES.get(state, str(state))
-                        found.append((name, inode, rqueue))
+                        found.append((name, inode, rqueue, dport))
                     off += (length + 3) & ~3
                 if done:
                     break
     return found
+
+
+def server_sockets(port: int) -> list[tuple[str, int, int]]:
+    """(state name, inode, remote port) of the non-LISTEN sockets on local `port`, whichever
+    process holds them: the kernel's view, so a server that forks per connection is seen whole.
+    An inode of 0 is a socket no process holds: still in the accept queue, or closed (TIME_WAIT,
+    FIN_WAIT). From sock_diag, or the /proc tables where it is missing."""
+    try:
+        return [(state, inode, peer) for state, inode, _, peer in _diag(port, listen=False)]
+    except OSError:
+        pass
+    seen: dict[tuple[str, str, str], tuple[str, int, int]] = {}
+    for local_port, state, inode, key in _tcp_rows("/proc/net"):
+        if local_port == port and state != _LISTEN:
+            name = TCP_STATES.get(state, f"UNKNOWN_{state:02X}")
+            seen[key] = (name, inode, int(key[2].rpartition(":")[2], 16))
+    return list(seen.values())
+
+
+def accepted_socket(port: int, peer_port: int) -> int | None:
+    """The inode of the server's socket on local `port` for the client whose local port is
+    `peer_port`, once some process has accepted it (an inode is given at accept); else None."""
+    for _, inode, peer in server_sockets(port):
+        if peer == peer_port and inode:
+            return inode
+    return None
+
+
+def tree_socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets held by `pid` or any of its descendants (`process_tree`).
+
+    Raises:
+        ProcessLookupError: the process `pid` does not exist.
+    """
+    inodes = socket_inodes(pid)
+    for child in process_tree(pid)[1:]:
+        with contextlib.suppress(ProcessLookupError):
+            inodes |= socket_inodes(child)
+    return inodes
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every live descendant (a server that forks per connection, or a shell's child).
+
+    Raises:
+        ProcessLookupError: the process does not exist.
+    """
+    with _process_must_exist(pid):
+        proc = psutil.Process(pid)
+        children = proc.children(recursive=True)
+    return [pid, *(c.pid for c in children)]
 
 
 def accept_queue(port: int) -> int | None:
@@ -337,7 +399,8 @@ def port_view(port: int, pid: int | None = None) -> PortView:
     """Count the server-side sockets whose LOCAL port is `port`, by TCP state, LISTEN excluded.
 
     Client-side sockets of this machine connected to `port` have it as their remote port and are
-    not counted. With `pid`, only sockets whose inode is among that process's fds are counted
+    not counted. With `pid`, only sockets whose inode is among the fds of that process or its
+    descendants are counted
     (TIME_WAIT sockets, inode 0, belong to no process and are then never counted), and the
     tables are read in that process's network namespace.
 
@@ -347,7 +410,7 @@ def port_view(port: int, pid: int | None = None) -> PortView:
     owned: set[int] | None = None
     net_dir = "/proc/net"
     if pid is not None:
-        owned = socket_inodes(pid)
+        owned = tree_socket_inodes(pid)
         net_dir = f"/proc/{pid}/net"
     if pid is None or _same_netns(pid):
         try:
@@ -445,3 +508,12 @@ def snapshot(pid: int | None = None) -> Snapshot:
         rss_bytes=rss_bytes(pid),
         cpu_seconds=cpu_seconds(pid),
     )
+
+
+def raise_nofile(needed: int) -> None:
+    """Raises this process's RLIMIT_NOFILE soft limit to `needed` (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise OSError(f"RLIMIT_NOFILE hard limit {hard} is below the {needed} fds needed")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))

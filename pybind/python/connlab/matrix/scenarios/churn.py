@@ -21,7 +21,6 @@ from typing import Any
 
 from connlab import probe
 from connlab.client import abort, encode, read_frame, recv_exact, wait_until
-from connlab.footprint import raise_nofile
 from connlab.matrix.checks import stats_delta
 from connlab.matrix.core import ChildHandle, Context, Failed, Handle, LeakGuard, Skip, check, scenario
 from connlab.probe import accept_queue, diag_sockets, socket_inodes
@@ -108,7 +107,7 @@ def wait_held(ctx: Context, handle: Handle, n: int, timeout: float = 2.0) -> Non
 def need_fds(n: int) -> None:
     """MATRIX.md: the session raises its RLIMIT_NOFILE soft limit to what it needs, or skips."""
     try:
-        raise_nofile(n)
+        probe.raise_nofile(n)
     except (OSError, ValueError) as err:
         raise Skip(f"needs {n} open files: {err}") from None
 

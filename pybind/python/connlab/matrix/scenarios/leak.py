@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
+import statistics
 from contextlib import suppress
 
 from connlab import probe
 from connlab.client import wait_until
-from connlab.footprint import slope
 from connlab.matrix.core import COMMAND, EXTERNAL_PID, IN_PROCESS, Context, Failed, check, scenario
 from connlab.matrix.scenarios.churn import (
     CLOSE,
@@ -95,7 +95,7 @@ def l2(ctx: Context) -> None:
         f"threads differ between tracked rounds of {CYCLES * WIDTH} connections: {series} "
         f"(first {WARMUP_ROUNDS} warm-up)",
     )
-    growth = slope(range(len(tracked)), [rss for _, rss in tracked])
+    growth = statistics.linear_regression(range(len(tracked)), [rss for _, rss in tracked]).slope
     check(
         growth < 4 * MIB,
         f"RSS grows {growth / MIB:.2f} MiB per {CYCLES * WIDTH} connections (slope over "

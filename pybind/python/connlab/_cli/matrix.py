@@ -12,8 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from connlab._cli.options import positive_float, positive_int
 from connlab._native import BACKENDS
-from connlab.argtypes import positive_float, positive_int
 from connlab.matrix import report
 from connlab.matrix.core import Options, Repeated, Result, Target, repeated, run_one, select
 

@@ -9,10 +9,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from connlab import perf_cli
+from connlab._cli import measure
+from connlab._cli.matrix import add_matrix_parser, run_matrix
+from connlab._cli.options import non_negative_float, non_negative_int
 from connlab._native import BACKENDS, Server
-from connlab.argtypes import non_negative_float, non_negative_int
-from connlab.matrix.cli import add_matrix_parser, run_matrix
 
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(serve)
     serve.set_defaults(func=cmd_serve)
     add_matrix_parser(sub, cmd_matrix)
-    perf_cli.add_parsers(sub)
+    measure.add_parsers(sub)
     return parser
 
 

@@ -14,11 +14,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from connlab import matrix, report, targets
+from connlab import matrix
+from connlab._cli.options import positive_float, positive_int
+from connlab._measure import report, targets
+from connlab._measure.bench import BenchConfig, default_workloads, machine, run_bench
+from connlab._measure.soak import Sample, SoakConfig, run_soak
 from connlab._native import BACKENDS
-from connlab.argtypes import positive_float, positive_int
-from connlab.bench import BenchConfig, default_workloads, machine, run_bench
-from connlab.soak import Sample, SoakConfig, run_soak
+from connlab.matrix import report as matrix_report
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -207,7 +209,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         results["matrix"] = [r.to_json() for r in found]
         results["matrix_targets"] = names
         results["matrix_wall_s"] = time.monotonic() - started
-        console.print(matrix.report.grid(found, names))
+        console.print(matrix_report.grid(found, names))
     total = cfg.repetitions * (1 + len(cfg.backends) * len(cfg.workloads))
     progress, step = _progress(console, total)
     with progress:

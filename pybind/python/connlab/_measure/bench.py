@@ -22,7 +22,8 @@ from typing import Any
 import psutil
 
 from connlab import load, probe
-from connlab.footprint import measure_idle, raise_nofile, slope
+from connlab._measure.footprint import measure_idle, slope
+from connlab.probe import raise_nofile
 
 
 @dataclass(frozen=True)

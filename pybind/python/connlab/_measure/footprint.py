@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 
 from connlab import probe
 from connlab.client import connect, encode, read_frame, wait_until
+from connlab.probe import raise_nofile
 
 
 @dataclass(frozen=True)
@@ -45,15 +45,6 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     if var == 0:
         raise ValueError("need at least two different x values")
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
-
-
-def raise_nofile(needed: int) -> None:
-    """Raises this process's RLIMIT_NOFILE soft limit to `needed` (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            raise OSError(f"RLIMIT_NOFILE hard limit {hard} is below the {needed} fds needed")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def idle_footprint(

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from connlab import probe
+from connlab._measure.footprint import slope
 from connlab._native import Server
-from connlab.footprint import raise_nofile, slope
+from connlab.probe import raise_nofile
 
 HEADER = struct.Struct(">I")
 
