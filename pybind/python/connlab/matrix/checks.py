@@ -1,13 +1,28 @@
-"""Checks scenarios share: the journal of one client's connection, its close reason, timed closes."""
+"""Every wait and assertion more than one scenario makes: the server's journal and close reasons,
+timed closes, quiescence, what the kernel shows of the server's sockets, leak and resource
+checks. Scenario modules import this and `connlab.matrix.core`, never each other."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
-from connlab.client import wait_until
-from connlab.matrix.core import Context, Handle, check
+from connlab import probe
+from connlab.client import IO_TIMEOUT, Fleet, encode, open_client, read_frame, wait_until
+from connlab.matrix.core import IN_PROCESS, Context, Failed, Handle, NotApplicable, check
+
+#: MATRIX.md's churn: 1000 cycles of 10 simultaneous connections.
+CYCLES = 1000
+WIDTH = 10
+
+#: `accept_pacer`: how far churn may run ahead of the server's accepts, checked every PACE_EVERY
+#: cycles; together well below the listen backlog (1024 by default).
+PACE_LAG = 256
+
+MIB = 1 << 20
 
 
 def journal(
@@ -52,28 +67,283 @@ def stats_delta(
     return int(after[key][sub]) - int(before[key][sub])
 
 
-def timed_eof(sock: socket.socket, started: float, limit: float) -> float:
-    """Reads until EOF (an RST fails the check); returns seconds since `started`."""
-    sock.settimeout(limit)
+def timeout_of(ctx: Context, handle: Handle, name: str) -> float:
+    """The server's `name` timeout in seconds; n/a when it has none (claimed or configured)."""
+    value = handle.kwargs.get(name)
+    if not value:
+        raise NotApplicable(ctx.options.unclaimed(name))
+    return float(value)
+
+
+def frame_limit(handle: Handle) -> int:
+    """The largest frame the server takes: its max_frame, or 1 MiB when it claims none."""
+    return int(handle.kwargs.get("max_frame") or MIB)
+
+
+def _assumed(ctx: Context, feature: str, value: float) -> str:
+    """For a server the matrix does not configure: which option states the timeout it assumed."""
+    if ctx.target.kind == IN_PROCESS:
+        return ""
+    option = ctx.options.option(feature)
+    return f" (the matrix assumed {option} {value:g}: give the server's own with {option} S, or none)"
+
+
+def timed_eof(
+    ctx: Context, sock: socket.socket, started: float, feature: str, timeout: float
+) -> float | None:
+    """Reads until EOF (an RST fails) for up to 2T + 0.25 s; returns seconds since `started`, or
+    None with a warning (a SHOULD: the claimed timeout is late) if no close came by then."""
+    limit = 2 * timeout + 0.25
+    sock.settimeout(max(0.0, started + limit - time.monotonic()))
     try:
-        while chunk := sock.recv(65536):
+        while sock.recv(65536):
             pass
-        del chunk
     except ConnectionResetError:
         raise AssertionError("the server reset the connection instead of closing it") from None
     except TimeoutError:
-        raise AssertionError(f"not closed within {limit:.2f} s") from None
+        ctx.should(False, f"{feature}: not closed within {limit:.2f} s" + _assumed(ctx, feature, timeout))
+        return None
     return time.monotonic() - started
 
 
-def within_timeout_window(ctx: Context, elapsed: float, timeout: float, what: str) -> None:
-    """MATRIX.md: a timed close happens at t in [T, 2T + 0.25 s]."""
-    check(
+def within_timeout_window(ctx: Context, elapsed: float, feature: str, timeout: float, what: str) -> None:
+    """MATRIX.md: a timed close happens at t in [T, 2T + 0.25 s]; outside it is a warning."""
+    ctx.should(
         timeout <= elapsed <= 2 * timeout + 0.25,
-        f"{what}: closed after {elapsed:.3f} s, expected within [{timeout}, {2 * timeout + 0.25:.2f}] s",
+        f"{what}: closed after {elapsed:.3f} s, expected within [{timeout}, {2 * timeout + 0.25:.2f}] s"
+        + _assumed(ctx, feature, timeout),
     )
 
 
-def quiescent(ctx: Context, handle: Handle, n: int = 0) -> dict[str, Any] | None:
-    """Waits until the server holds `n` connections; returns its stats then (None if none)."""
-    return ctx.wait_active(handle, n)
+def conn_of(handle: Handle, peer: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The server's `connections()` entry for the client `peer`, if it holds one."""
+    for conn in handle.connections() or []:
+        if conn["peer"] == tuple(peer[:2]):
+            return conn
+    return None
+
+
+def wait_consumed(handle: Handle, peer: tuple[Any, ...], n: int, state: str | None = None) -> bool:
+    """Waits until the server has read `n` bytes of `peer` (and shows it in `state`); False when the
+    target has no `connections()`, so the caller knows nothing was waited for."""
+    if handle.connections() is None:
+        return False
+
+    def there() -> dict[str, Any] | None:
+        conn = conn_of(handle, peer)
+        if conn and conn["bytes_in"] == n and (state is None or conn["state"] == state):
+            return conn
+        return None
+
+    wait_until(there, what=f"server read {n} bytes of {peer}" + (f" in {state}" if state else ""))
+    return True
+
+
+def still_serves(ctx: Context, handle: Handle, what: str) -> None:
+    """A new connection gets its echo: the server is alive and accepting."""
+    with ctx.connect(handle) as again:
+        again.sendall(encode(b"still serving"))
+        check(read_frame(again) == b"still serving", f"{what}: a new connection was not served")
+
+
+def accepted_socket(handle: Handle, client: socket.socket) -> int:
+    """The inode of the server's socket for `client`, once some process accepted it: read from
+    the kernel's sockets on the server's port, so a server that forks per connection is seen."""
+    port, mine = handle.address[1], client.getsockname()[1]
+    return wait_until(lambda: probe.accepted_socket(port, mine), what="the server accepted the connection")
+
+
+def wait_fd_closed(handle: Handle, inode: int) -> None:
+    """Waits until no process holds the server's socket `inode` any more (every copy closed)."""
+    port = handle.address[1]
+    wait_until(
+        lambda: all(i != inode for _, i, _ in probe.server_sockets(port)),
+        what=f"the server closed its socket {inode}",
+    )
+
+
+def listener_inode(port: int) -> int:
+    """The inode of the LISTEN socket on `port`."""
+    try:
+        inodes = [inode for _, inode, _ in probe.diag_sockets(port, listen=True)]
+    except OSError as err:
+        raise NotApplicable(f"needs sock_diag to find the listener: {err}") from None
+    check(len(inodes) == 1, f"{len(inodes)} LISTEN sockets on port {port}, expected 1")
+    return inodes[0]
+
+
+def wait_listener_closed(port: int, inode: int) -> None:
+    """Waits until the listening socket `inode` on `port` is closed (a stop has begun)."""
+    wait_until(
+        lambda: all(i != inode for _, i, _ in probe.diag_sockets(port, listen=True)),
+        what="the listener closed",
+    )
+
+
+def small_rcvbuf_client(ctx: Context, handle: Handle, rcvbuf: int = 4096) -> socket.socket:
+    """A client whose receive buffer is set before connect (the window is fixed at the handshake)."""
+    host, port = handle.address
+    sock = open_client((host, port), rcvbuf=rcvbuf)
+    ctx.sockets.append(sock)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def held(handle: Handle) -> int:
+    """Connections the server holds: its `active`; without stats, the sockets on its port that
+    some process holds (the kernel gives a socket an inode when it is accepted), with a pid only
+    those of its process tree."""
+    stats = handle.stats()
+    if stats is not None:
+        return int(stats["active"])
+    port, pid = handle.address[1], handle.pid
+    sockets = probe.server_sockets(port)
+    if pid is not None:
+        mine = probe.tree_socket_inodes(pid)
+        return sum(1 for _, inode, _ in sockets if inode in mine)
+    return sum(1 for _, inode, _ in sockets if inode)
+
+
+def wait_held(handle: Handle, n: int, timeout: float = 2.0) -> None:
+    """Polls until the server holds `n` connections (`held`)."""
+    seen = [-1]
+
+    def there() -> bool:
+        seen[0] = held(handle)
+        return seen[0] == n
+
+    try:
+        wait_until(there, timeout)
+    except TimeoutError:
+        raise Failed(f"the server holds {seen[0]} connections after {timeout} s, expected {n}") from None
+
+
+def quiescent_stats(handle: Handle, n: int | None = None, timeout: float = 2.0) -> dict[str, Any]:
+    """The server's stats once it is quiescent (DESIGN.md §4): `accepted` and `closed` unchanged
+    for 100 ms, the listener's accept queue empty, and the counters conserved (accepted == active
+    + closed, closed_by summing to closed, by_state to active); with `n`, holding `n` connections.
+    Polled for `timeout` s. A slow acceptor (a thread per connection) can be between two
+    accepts with nothing registered while connections still wait in its queue: `active == 0`
+    alone is no quiescence."""
+    port = handle.address[1]
+    seen: dict[str, Any] = {}
+    since = [(-1, -1), time.monotonic()]
+
+    def quiet() -> dict[str, Any] | None:
+        nonlocal seen
+        seen = handle.stats() or {}
+        now, key = time.monotonic(), (seen["accepted"], seen["closed"])
+        if key != since[0]:
+            since[:] = [key, now]
+            return None
+        conserved = (
+            seen["accepted"] == seen["active"] + seen["closed"]
+            and sum(seen["closed_by"].values()) == seen["closed"]
+            and sum(seen["by_state"].values()) == seen["active"]
+        )
+        ok = now - since[1] >= 0.1 and conserved and (n is None or seen["active"] == n)
+        return seen if ok and not probe.accept_queue(port) else None
+
+    try:
+        return wait_until(quiet, timeout, what="quiescence")
+    except TimeoutError:
+        counts = {k: seen.get(k) for k in ("active", "accepted", "closed", "closed_by", "by_state")}
+        want = "" if n is None else f" with {n} connections"
+        raise Failed(
+            f"not quiescent{want} within {timeout} s: {counts}, accept queue {probe.accept_queue(port)}"
+        ) from None
+
+
+def settled(ctx: Context, handle: Handle, n: int = 0, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The one quiescence wait: until the server is quiescent holding `n` connections
+    (`quiescent_stats`), returning its stats then; without stats, until it holds `n` by the
+    kernel's count (`held`), returning None."""
+    if handle.stats() is None:
+        wait_held(handle, n, timeout)
+        return None
+    return quiescent_stats(handle, n, timeout)
+
+
+def registry_empty(ctx: Context, handle: Handle) -> None:
+    """The registry holds nothing (where the target shows it)."""
+    conns = handle.connections()
+    if conns is None:
+        ctx.note("registry: no connections() on this target; emptiness by the kernel's count of its sockets")
+        return
+    check(conns == [], f"registry not empty: {conns[:3]}{' ...' if len(conns) > 3 else ''}")
+
+
+def need_fds(n: int) -> None:
+    """MATRIX.md: the session raises its RLIMIT_NOFILE soft limit to what it needs, or skips."""
+    try:
+        probe.raise_nofile(n)
+    except (OSError, ValueError) as err:
+        raise NotApplicable(f"needs {n} open files in this process: {err}") from None
+
+
+def accept_pacer(handle: Handle, before: dict[str, Any] | None) -> Callable[[int], None] | None:
+    """Keeps a churn that never waits for the server (connect-then-close, send-then-RST) from
+    running more than `PACE_LAG` connections ahead of the server's accepts. Otherwise a slow
+    acceptor (a thread spawned per connection) lets the listen queue overflow (seen: `blocking`,
+    ListenOverflows in /proc/net/netstat): the kernel drops the handshake's last ACK, and the
+    connection reaches the server a retransmission (1 s) later, or never if an RST follows, so
+    "every close counted" would count the kernel's drops. Needs the server's stats (None without)."""
+    if before is None:
+        return None
+
+    def pace(opened: int) -> None:
+        def caught_up() -> bool:
+            return (handle.stats() or {})["accepted"] - before["accepted"] >= opened - PACE_LAG
+
+        wait_until(caught_up, IO_TIMEOUT, what=f"the server accepting {opened - PACE_LAG} connections")
+
+    return pace
+
+
+def open_fleet(ctx: Context, handle: Handle, n: int) -> Fleet:
+    """`n` clients connected to `handle` (closed at the scenario's end)."""
+    socks = []
+    for _ in range(n):
+        sock = open_client(handle.address)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ctx.sockets.append(sock)
+        socks.append(sock)
+    return Fleet(socks)
+
+
+def server_cpu(handle: Handle) -> Callable[[], float] | None:
+    """CPU seconds of the server so far: its `connlab-*` threads in this process; for a server in
+    processes of its own, the live processes of its tree; None when its pid is unknown."""
+    pid = handle.pid
+    if pid is None:
+        return None
+    if pid == os.getpid():
+        return lambda: probe.threads_cpu_seconds("connlab-", pid)
+
+    def tree() -> float:
+        total = 0.0
+        for p in probe.process_tree(pid):
+            try:
+                total += probe.cpu_seconds(p)
+            except ProcessLookupError:
+                continue
+        return total
+
+    return tree
+
+
+def server_rss(ctx: Context, handle: Handle) -> int | None:
+    """The server process's RSS (this process for an in-process server), or None (noted)."""
+    if handle.pid is None:
+        ctx.note("server RSS: not checked (no pid for this target)")
+        return None
+    return probe.rss_bytes(handle.pid)
+
+
+def wait_fds(ctx: Context, handle: Handle, want: int, what: str) -> None:
+    """Polls (2 s) until the server's process tree holds at most `want` fds."""
+    guard = ctx.guard_of(handle)
+    try:
+        wait_until(lambda: guard.counts()[0] <= want, what=what)
+    except TimeoutError:
+        raise Failed(f"{what}: {guard.counts()[0]} fds, expected {want}") from None

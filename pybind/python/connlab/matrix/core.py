@@ -1,24 +1,21 @@
-"""The matrix's machinery: scenarios, targets, the per-scenario context and the leak guard."""
+"""The matrix's machinery: scenarios, targets, the per-scenario context, budgets and grades."""
 
 from __future__ import annotations
 
-import json
 import os
-import resource
 import shlex
-import signal
 import socket
-import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from connlab import probe
 from connlab._native import Server
-from connlab.client import connect, wait_until
+from connlab.client import connect
+from connlab.process import LeakGuard, ServeProcess, Stopped, accepts, connlab_serve_argv
 
 IN_PROCESS = "in-process"
 COMMAND = "command"
@@ -26,13 +23,31 @@ EXTERNAL = "external"
 EXTERNAL_PID = "external+pid"
 ALL_KINDS = frozenset({IN_PROCESS, COMMAND, EXTERNAL, EXTERNAL_PID})
 
+#: The grades of a verdict, as Autobahn grades: a MUST of the lifecycle broken, a SHOULD missed
+#: (a claimed timeout that fires late), a feature the server never claimed, a pass; and a row
+#: this target cannot run (no pid, cannot be stopped).
+PASS, FAIL, WARN, NA, SKIP = "pass", "fail", "warn", "n/a", "skip"
+STATUSES = (PASS, FAIL, WARN, NA, SKIP)
+
+#: Features a server may claim; a row that tests one the server does not claim is n/a.
+#: `framing`: it parses frames (a byte echo answers half a frame byte for byte).
+FEATURES = ("idle_timeout", "read_timeout", "write_timeout", "max_frame", "framing")
+
 
 class Skip(Exception):
-    """The scenario does not apply to this target; the message says why."""
+    """The scenario cannot run on this target (it needs a pid, or a server the matrix starts)."""
+
+
+class NotApplicable(Exception):
+    """The scenario tests a feature the server does not claim; the message says which."""
 
 
 class Failed(AssertionError):
     """A check of the scenario did not hold; the message says which and what was seen."""
+
+
+class TimedOut(Exception):
+    """The scenario ran past its time budget."""
 
 
 def check(condition: object, message: str) -> None:
@@ -43,37 +58,58 @@ def check(condition: object, message: str) -> None:
 
 @dataclass(frozen=True)
 class Options:
-    """What a scenario needs to know of the server's configuration. For in-process backends and
-    `connlab serve` these are applied; for an external server they describe it."""
+    """What the scenarios know of the server. For in-process backends and `connlab serve` these
+    are applied; for someone else's server they are its claims: a timeout of None (`none` on the
+    command line) or `max_frame` None says it has none, `byte_echo` that it echoes bytes without
+    framing. `option_prefix` is how the front end spells its options ("--" for `connlab matrix`,
+    "--connlab-" for the pytest plugin), so a message can name the one to change."""
 
-    idle_timeout: float = 0.5
-    read_timeout: float = 0.5
-    write_timeout: float = 0.5
-    max_frame: int = 1 << 20
+    idle_timeout: float | None = 0.5
+    read_timeout: float | None = 0.5
+    write_timeout: float | None = 0.5
+    max_frame: int | None = 1 << 20
     max_pending_output: int = 4 << 20
     max_connections: int | None = None
     workers: int = 2
+    byte_echo: bool = False
+    start_timeout: float = 10.0
+    budget_scale: float = 1.0
+    option_prefix: str = "--"
 
     def server_kwargs(self) -> dict[str, Any]:
+        """`connlab.Server` keyword arguments (a timeout of None is 0, disabled; no max_frame
+        leaves the server's own)."""
         kwargs: dict[str, Any] = {
-            "idle_timeout": self.idle_timeout,
-            "read_timeout": self.read_timeout,
-            "write_timeout": self.write_timeout,
-            "max_frame": self.max_frame,
+            "idle_timeout": self.idle_timeout or 0,
+            "read_timeout": self.read_timeout or 0,
+            "write_timeout": self.write_timeout or 0,
             "max_pending_output": self.max_pending_output,
             "workers": self.workers,
         }
+        if self.max_frame is not None:
+            kwargs["max_frame"] = self.max_frame
         if self.max_connections is not None:
             kwargs["max_connections"] = self.max_connections
         return kwargs
 
+    def claims(self, feature: str) -> bool:
+        """Whether the server implements `feature` (one of `FEATURES`)."""
+        if feature == "framing":
+            return not self.byte_echo
+        if feature == "max_frame":
+            return self.max_frame is not None and not self.byte_echo
+        return bool(getattr(self, feature))
 
-def serve_args(kwargs: dict[str, Any]) -> list[str]:
-    """`connlab serve` options for `connlab.Server` keyword arguments."""
-    args = []
-    for key, value in kwargs.items():
-        args += [f"--{key.replace('_', '-')}", str(0 if value is None else value)]
-    return args
+    def unclaimed(self, feature: str) -> str:
+        """Why a row needing `feature` is n/a, naming the option that would claim it."""
+        if feature == "framing" or self.byte_echo:
+            return f"the server echoes bytes without framing ({self.option_prefix}byte-echo)"
+        option = f"{self.option_prefix}{feature.replace('_', '-')}"
+        return f"the server claims no {feature.replace('_', ' ')} ({option} none)"
+
+    def option(self, feature: str) -> str:
+        """The command-line option that states `feature`'s value."""
+        return f"{self.option_prefix}{feature.replace('_', '-')}"
 
 
 class Handle:
@@ -102,6 +138,10 @@ class Handle:
 
     def close(self) -> None:
         """Stops it if the matrix started it (end of scenario)."""
+
+    def kill(self) -> None:
+        """Ends it at once if the matrix started it (a scenario past its budget)."""
+        self.close()
 
 
 class InProcessHandle(Handle):
@@ -134,56 +174,52 @@ class InProcessHandle(Handle):
 
 
 class ChildHandle(Handle):
-    """A server process the matrix launched (`connlab serve` or a `--serve-cmd`): it prints a line
-    with its host:port, and SIGTERM asks it to stop."""
+    """A server process the matrix launched (`connlab serve` or a `--serve-cmd`): ready when it
+    prints its host:port or its `{port}` accepts; SIGTERM asks it to stop."""
 
-    def __init__(self, argv: list[str], kwargs: dict[str, Any], nofile: int | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        kwargs: dict[str, Any],
+        *,
+        port: int | None = None,
+        nofile: int | None = None,
+        start_timeout: float = 10.0,
+    ) -> None:
         self.kwargs = kwargs
-        self.child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.pid = self.child.pid
-        if nofile is not None:
-            resource.prlimit(self.pid, resource.RLIMIT_NOFILE, (nofile, nofile))
-        assert self.child.stdout is not None
-        line = self.child.stdout.readline()
-        if not line:
-            err = self.child.stderr.read() if self.child.stderr else ""
-            self.child.wait()
-            raise RuntimeError(f"server command printed no address: {shlex.join(argv)}: {err.strip()}")
-        self.address = _parse_address(line)
-        self.stop_report: dict[str, Any] | None = None
+        self.process = ServeProcess(argv, port=port, nofile=nofile, start_timeout=start_timeout)
+        self.pid = self.process.pid
+        self.address = self.process.address
 
     def stop(self, grace: float = 1.0) -> dict[str, Any]:
-        """SIGTERM, then wait for the exit; `connlab serve` reports drained/forced on stdout."""
-        started = time.monotonic()
-        if self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
-        self.child.wait(timeout=grace + 10)
-        report: dict[str, Any] = {"exit_code": self.child.returncode}
-        if self.child.stdout:
-            for line in self.child.stdout:
-                with suppress(ValueError):
-                    event = json.loads(line)
-                    if isinstance(event, dict) and event.get("event") == "stopped":
-                        report.update(event)
-        report["elapsed_s"] = report.get("elapsed_s", time.monotonic() - started)
-        self.stop_report = report
-        return report
+        """SIGTERM, then waits for the exit (`connlab serve` reports drained/forced): the report
+        has "exit" (how it ended), "normal" (an exit 0 or by SIGTERM) and "elapsed_s"."""
+        stopped = self.process.stop(timeout=grace + 10)
+        return {
+            **stopped.report,
+            "exit": stopped.describe(),
+            "normal": stopped.normal,
+            "elapsed_s": stopped.report.get("elapsed_s", stopped.elapsed_s),
+        }
+
+    @property
+    def stopped(self) -> Stopped | None:
+        return self.process.stopped
+
+    @property
+    def alive(self) -> bool:
+        return self.process.alive
 
     @property
     def stoppable(self) -> bool:
         return True
 
     def close(self) -> None:
-        if self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
-            try:
-                self.child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.child.kill()
-                self.child.wait()
-        for stream in (self.child.stdout, self.child.stderr):
-            if stream:
-                stream.close()
+        self.process.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.close()
 
 
 class ExternalHandle(Handle):
@@ -193,19 +229,6 @@ class ExternalHandle(Handle):
         self.address = address
         self.pid = pid
         self.kwargs = kwargs
-
-
-def _parse_address(line: str) -> tuple[str, int]:
-    """host:port from a server's first line: `connlab serve`'s JSON, or any text with host:port."""
-    with suppress(ValueError):
-        event = json.loads(line)
-        if isinstance(event, dict) and "address" in event:
-            line = str(event["address"])
-    for word in line.replace(",", " ").split():
-        host, sep, port = word.strip("\"'[]()").rpartition(":")
-        if sep and port.isdigit() and host:
-            return host.strip("[]"), int(port)
-    raise RuntimeError(f"no host:port in the server's first line: {line!r}")
 
 
 @dataclass(frozen=True)
@@ -229,62 +252,76 @@ class Target:
         return cls(name=name or "command", kind=COMMAND, command=command)
 
     @classmethod
-    def external(cls, address: str, pid: int | None = None) -> Target:
+    def external(cls, address: str, pid: int | None = None, name: str | None = None) -> Target:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"target: expected HOST:PORT, got {address!r}")
         return cls(
-            name=address,
+            name=name or address,
             kind=EXTERNAL_PID if pid else EXTERNAL,
             address=(host.strip("[]"), int(port)),
             pid=pid,
         )
 
-    @property
-    def has_stats(self) -> bool:
-        return self.kind == IN_PROCESS
+    def reachable(self) -> str | None:
+        """None if an external target accepts connections (or this is no external target); else
+        why not, for one up-front error instead of a failure per row."""
+        if self.address is None:
+            return None
+        host, port = self.address
+        try:
+            if accepts(host, port):
+                return None
+            return f"{host}:{port} refuses connections"
+        except OSError as err:
+            return f"{host}:{port}: {err}"
 
     def start(self, options: Options, overrides: dict[str, Any]) -> Handle:
         """A server for one scenario. In-process and command targets start a fresh one; an
         external one is used as it is, if the overrides the scenario needs match what it is."""
-        kwargs = {**options.server_kwargs(), **overrides}
+        kwargs = {**self.claimed(options), **overrides}
         if self.kind == IN_PROCESS:
             assert self.backend is not None
             return InProcessHandle(self.backend, kwargs)
         if self.kind == COMMAND:
             _require_defaults(overrides, options, "the server command is run as given")
-            assert self.command is not None
-            return ChildHandle(self.argv(kwargs), kwargs)
+            return self.child(options, overrides)
         _require_defaults(overrides, options, "an external server is used as it is")
         assert self.address is not None
         return ExternalHandle(self.address, self.pid, kwargs)
 
-    def argv(self, kwargs: dict[str, Any]) -> list[str]:
-        """The command that serves this target in a child process, if it has one."""
+    def claimed(self, options: Options) -> dict[str, Any]:
+        """What the scenarios read of the server's settings: applied to in-process servers, the
+        claims (None where it has none) for any other."""
         if self.kind == IN_PROCESS:
-            return [
-                sys.executable,
-                "-m",
-                "connlab",
-                "serve",
-                "--backend",
-                str(self.backend),
-                "--port",
-                "0",
-                *serve_args(kwargs),
-            ]
-        if self.kind == COMMAND:
-            assert self.command is not None
-            # A command that takes its port as {port} gets a free one per launch.
-            return shlex.split(self.command.replace("{port}", str(free_port())))
-        raise Skip("needs the server in a child process: give --serve-cmd instead of --target")
+            return options.server_kwargs()
+        claims = {f: getattr(options, f) for f in ("idle_timeout", "read_timeout", "write_timeout")}
+        return {**options.server_kwargs(), **claims, "max_frame": options.max_frame}
 
     def child(self, options: Options, overrides: dict[str, Any], nofile: int | None = None) -> ChildHandle:
-        """A server of this target in a child process (P3, L2)."""
-        kwargs = {**options.server_kwargs(), **overrides}
+        """A server of this target in a child process (P3, L2; every row of a command target)."""
+        kwargs = {**self.claimed(options), **overrides}
+        if self.kind == IN_PROCESS:
+            argv = connlab_serve_argv(str(self.backend), **options.server_kwargs(), **overrides)
+            return ChildHandle(argv, kwargs, nofile=nofile, start_timeout=options.start_timeout)
         if self.kind == COMMAND:
             _require_defaults(overrides, options, "the server command is run as given")
-        return ChildHandle(self.argv(kwargs), kwargs, nofile=nofile)
+            assert self.command is not None
+            return command_handle(self.command, kwargs, options, nofile=nofile)
+        raise Skip("needs the server in a child process: give --serve-cmd instead of --target")
+
+
+def command_handle(
+    command: str, kwargs: dict[str, Any], options: Options, port: int | None = None, nofile: int | None = None
+) -> ChildHandle:
+    """A server command launched once: `{port}` in it is `port` (a free one by default), and the
+    server is ready when it prints its address or that port accepts."""
+    if "{port}" in command:
+        port = free_port() if port is None else port
+        argv = shlex.split(command.replace("{port}", str(port)))
+    else:
+        port, argv = None, shlex.split(command)
+    return ChildHandle(argv, kwargs, port=port, nofile=nofile, start_timeout=options.start_timeout)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -304,44 +341,14 @@ def _require_defaults(overrides: dict[str, Any], options: Options, why: str) -> 
 
 
 @dataclass
-class LeakGuard:
-    """Fds and native threads of the server's process, and CLOSE_WAIT on its port."""
-
-    pid: int | None
-    fds: int | None = None
-    threads: int | None = None
-
-    def baseline(self) -> None:
-        if self.pid is not None:
-            self.fds = probe.fd_count(self.pid)
-            self.threads = probe.thread_count(self.pid)
-
-    def check(self, port: int | None, timeout: float = 2.0) -> list[str]:
-        """Polls until fds and threads are back and no CLOSE_WAIT is left; returns what is not."""
-        deadline = time.monotonic() + timeout
-        while True:
-            problems = []
-            if self.pid is not None and self.fds is not None:
-                fds, threads = probe.fd_count(self.pid), probe.thread_count(self.pid)
-                if fds != self.fds:
-                    problems.append(f"fds {self.fds} -> {fds}")
-                if threads != self.threads:
-                    problems.append(f"threads {self.threads} -> {threads}")
-            if port is not None and (cw := probe.port_view(port).close_wait):
-                problems.append(f"{cw} CLOSE_WAIT on port {port}")
-            if not problems or time.monotonic() >= deadline:
-                return problems
-            time.sleep(0.01)
-
-
-@dataclass
 class Context:
     """What a scenario works with: the target, the options, servers and clients it opens
-    (closed at its end), notes on checks it skipped."""
+    (closed at its end), notes on checks it skipped, and the SHOULDs it saw missed."""
 
     target: Target
     options: Options
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     handles: list[Handle] = field(default_factory=list)
     sockets: list[socket.socket] = field(default_factory=list)
     guards: list[tuple[LeakGuard, Handle]] = field(default_factory=list)
@@ -353,12 +360,26 @@ class Context:
         if in_process:
             guard.baseline()  # before the server starts
         handle = self.target.start(self.options, overrides)
+        self.handles.append(handle)
         if not in_process:
             guard.pid = handle.pid
             guard.baseline()  # after the listener is up
-        self.handles.append(handle)
         self.guards.append((guard, handle))
         return handle
+
+    def child_server(self, overrides: dict[str, Any], nofile: int | None = None) -> ChildHandle:
+        """The target's server in a child process (`Target.child`), inside the leak guard: its
+        fds and threads right after start are the baseline, checked again before it is stopped."""
+        handle = self.target.child(self.options, overrides, nofile=nofile)
+        guard = LeakGuard(pid=handle.pid)
+        self.handles.append(handle)
+        self.guards.append((guard, handle))
+        guard.baseline()
+        return handle
+
+    def guard_of(self, handle: Handle) -> LeakGuard:
+        """The leak guard put around `handle`."""
+        return next(guard for guard, h in self.guards if h is handle)
 
     def connect(self, handle: Handle, timeout: float = 5.0) -> socket.socket:
         sock = connect(handle.address, timeout=timeout)
@@ -376,20 +397,17 @@ class Context:
         if text not in self.notes:
             self.notes.append(text)
 
-    def wait_active(self, handle: Handle, n: int, timeout: float = 2.0) -> dict[str, Any] | None:
-        """Waits until the server holds `n` connections: by its stats, or, without them, by the
-        kernel's count of established server-side sockets on its port."""
-        if handle.stats() is not None:
-            return wait_until(
-                lambda: (s := handle.stats()) and s["active"] == n and s, timeout, what=f"active == {n}"
-            )
-        port = handle.address[1]
-        wait_until(
-            lambda: probe.port_view(port, pid=handle.pid).established == n,
-            timeout,
-            what=f"{n} established server-side sockets",
-        )
-        return None
+    def should(self, condition: object, message: str) -> None:
+        """A SHOULD of the lifecycle: when it does not hold the row is a warning, not a failure,
+        and the scenario goes on."""
+        if not condition and message not in self.warnings:
+            self.warnings.append(message)
+
+    def requires(self, *features: str) -> None:
+        """n/a unless the server claims every one of `features` (see `Options.claims`)."""
+        for feature in features:
+            if not self.options.claims(feature):
+                raise NotApplicable(self.options.unclaimed(feature))
 
     def finish(self) -> list[str]:
         """Closes the scenario's clients, stops what it started, and runs the leak guards."""
@@ -401,7 +419,7 @@ class Context:
             if isinstance(handle, ChildHandle):
                 # A child is checked while it runs (it is gone after), once clients are closed; one
                 # the scenario stopped itself has no fds or threads left to count.
-                if handle.child.poll() is not None:
+                if not handle.alive:
                     guard.pid = None
                 problems += guard.check(handle.address[1])
                 handle.close()
@@ -414,20 +432,32 @@ class Context:
                 problems += guard.check(handle.address[1])
         return problems
 
+    def abort(self) -> None:
+        """After the budget ran out: ends every server the scenario started at once and closes
+        its clients, so its thread fails out of whatever it waits for."""
+        for handle in self.handles:
+            with suppress(Exception):
+                handle.kill()
+        for sock in self.sockets:
+            with suppress(OSError):
+                sock.close()
+
 
 ScenarioFn = Callable[[Context], None]
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """One row of the lifecycle matrix."""
+    """One row of the lifecycle matrix. `budget` is its time budget in seconds on a healthy
+    server (scaled by `Options.budget_scale`); `needs` the features it tests, n/a unless claimed."""
 
     id: str
     category: str
     description: str
     kinds: frozenset[str]
     run: ScenarioFn
-    timeout: float = 60.0
+    budget: float
+    needs: frozenset[str] = frozenset()
 
     def applies_to(self, target: Target) -> str | None:
         """None if it applies; else why not."""
@@ -441,14 +471,23 @@ SCENARIOS: dict[str, Scenario] = {}
 
 
 def scenario(
-    id: str, category: str, description: str, kinds: frozenset[str] = ALL_KINDS, timeout: float = 60.0
+    id: str,
+    category: str,
+    description: str,
+    *,
+    budget: float,
+    kinds: frozenset[str] = ALL_KINDS,
+    needs: tuple[str, ...] = (),
 ) -> Callable[[ScenarioFn], ScenarioFn]:
     """Registers a scenario function under its MATRIX.md id."""
 
     def register(fn: ScenarioFn) -> ScenarioFn:
         if id in SCENARIOS:
             raise ValueError(f"scenario {id} defined twice")
-        SCENARIOS[id] = Scenario(id, category, description, frozenset(kinds), fn, timeout)
+        unknown = set(needs) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"scenario {id}: unknown features {unknown}")
+        SCENARIOS[id] = Scenario(id, category, description, frozenset(kinds), fn, budget, frozenset(needs))
         return fn
 
     return register
@@ -456,11 +495,11 @@ def scenario(
 
 @dataclass(frozen=True)
 class Result:
-    """The outcome of one scenario on one target."""
+    """The outcome of one scenario on one target: one of `STATUSES`."""
 
     scenario: str
     target: str
-    status: str  # "pass" | "fail" | "skip"
+    status: str
     seconds: float
     detail: str = ""
 
@@ -477,22 +516,24 @@ class Result:
 @dataclass(frozen=True)
 class Repeated(Result):
     """One scenario on one target over several rounds (`runs`, in round order): it failed if it
-    failed in any round; it is a skip only if every round skipped. `seconds` is the total."""
+    failed in any round, else warned if it warned in any; it is n/a or a skip only if every round
+    was. `seconds` is the total."""
 
     runs: tuple[Result, ...] = ()
 
     @classmethod
     def of(cls, runs: list[Result]) -> Repeated:
-        failed = [(i, r) for i, r in enumerate(runs, 1) if r.status == "fail"]
-        skipped = [(i, r) for i, r in enumerate(runs, 1) if r.status == "skip"]
-        if failed:
-            status, details = "fail", [f"round {i}: {r.detail}" for i, r in failed]
-        elif len(skipped) == len(runs):
-            status, details = "skip", list(dict.fromkeys(r.detail for r in runs))
-        else:
-            notes = dict.fromkeys(r.detail for r in runs if r.status == "pass" and r.detail)
-            status, details = "pass", [*notes, *(f"round {i} skipped: {r.detail}" for i, r in skipped)]
+        worst = next((s for s in (FAIL, WARN) if any(r.status == s for r in runs)), None)
         first = runs[0]
+        if worst is not None:
+            status = worst
+            details = [f"round {i}: {r.detail}" for i, r in enumerate(runs, 1) if r.status == worst]
+        elif all(r.status == first.status for r in runs) and first.status in (NA, SKIP):
+            status, details = first.status, list(dict.fromkeys(r.detail for r in runs))
+        else:
+            notes = dict.fromkeys(r.detail for r in runs if r.status == PASS and r.detail)
+            others = [f"round {i} {r.status}: {r.detail}" for i, r in enumerate(runs, 1) if r.status != PASS]
+            status, details = PASS, [*notes, *others]
         total = sum(r.seconds for r in runs)
         return cls(first.scenario, first.target, status, total, "; ".join(details), tuple(runs))
 
@@ -501,7 +542,7 @@ class Repeated(Result):
         return [i for i, r in enumerate(self.runs, 1) if r.status == status]
 
     def to_json(self) -> dict[str, Any]:
-        return {**super().to_json(), "failed_rounds": len(self.rounds_with("fail"))}
+        return {**super().to_json(), "failed_rounds": len(self.rounds_with(FAIL))}
 
 
 def repeated(rounds: list[list[Result]]) -> list[Repeated]:
@@ -514,32 +555,78 @@ def repeated(rounds: list[list[Result]]) -> list[Repeated]:
 
 
 def run_one(sc: Scenario, target: Target, options: Options) -> Result:
-    """Runs one scenario on one target, inside its leak guard; never raises."""
+    """Runs one scenario on one target, inside its leak guard and its time budget; never raises
+    but for KeyboardInterrupt (after ending what the scenario started)."""
     started = time.monotonic()
     why_not = sc.applies_to(target)
     if why_not:
-        return Result(sc.id, target.name, "skip", 0.0, why_not)
+        return Result(sc.id, target.name, SKIP, 0.0, why_not)
+    for feature in sorted(sc.needs):
+        if not options.claims(feature):
+            return Result(sc.id, target.name, NA, 0.0, options.unclaimed(feature))
     ctx = Context(target=target, options=options)
-    status, detail = "pass", ""
+    outcome: list[tuple[str, str, list[str]]] = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(_run_in_guard(sc, ctx)), name=f"matrix-{sc.id}", daemon=True
+    )
+    budget = sc.budget * options.budget_scale
+    worker.start()
+    try:
+        worker.join(budget)
+    except BaseException:  # Ctrl-C or SIGTERM: leave nothing running behind
+        ctx.abort()
+        worker.join(5.0)
+        raise
+    if worker.is_alive():
+        where = _where(worker)
+        ctx.abort()
+        worker.join(10.0)
+        detail = f"timed out after {budget:.0f} s in {where}; the server was killed"
+        if worker.is_alive():
+            detail += " (the scenario's thread did not end within 10 s of it)"
+        return Result(sc.id, target.name, FAIL, time.monotonic() - started, detail)
+    status, detail, leaks = outcome[0]
+    if leaks and status not in (SKIP, NA):
+        status = FAIL
+        detail = "; ".join([detail, "leak: " + ", ".join(leaks)] if detail else ["leak: " + ", ".join(leaks)])
+    if status == PASS and ctx.warnings:
+        status, detail = WARN, "; ".join(ctx.warnings)
+    elif status == PASS and ctx.notes:
+        detail = "; ".join(ctx.notes)
+    return Result(sc.id, target.name, status, time.monotonic() - started, detail)
+
+
+def _run_in_guard(sc: Scenario, ctx: Context) -> tuple[str, str, list[str]]:
+    """The scenario, then its clean-up and leak guards, on the scenario's own thread (so a thread
+    of the matrix never counts as one of an in-process server's)."""
+    status, detail = PASS, ""
     try:
         sc.run(ctx)
     except Skip as skip:
-        status, detail = "skip", str(skip)
+        status, detail = SKIP, str(skip)
+    except NotApplicable as na:
+        status, detail = NA, str(na)
     except (Failed, AssertionError, TimeoutError) as failure:
-        status, detail = "fail", f"{type(failure).__name__}: {failure}"
+        status, detail = FAIL, f"{type(failure).__name__}: {failure}"
     except Exception as error:
-        status, detail = "fail", f"{type(error).__name__}: {error}"
-    finally:
-        try:
-            leaks = ctx.finish()
-        except Exception as error:
-            leaks = [f"cleanup failed: {type(error).__name__}: {error}"]
-    if leaks and status != "skip":
-        status = "fail"
-        detail = "; ".join([detail, "leak: " + ", ".join(leaks)] if detail else ["leak: " + ", ".join(leaks)])
-    if ctx.notes and status == "pass":
-        detail = "; ".join(ctx.notes)
-    return Result(sc.id, target.name, status, time.monotonic() - started, detail)
+        status, detail = FAIL, f"{type(error).__name__}: {error}"
+    try:
+        leaks = ctx.finish()
+    except Exception as error:
+        leaks = [f"cleanup failed: {type(error).__name__}: {error}"]
+    return status, detail, leaks
+
+
+def _where(thread: threading.Thread) -> str:
+    """The step a scenario's thread is in: its innermost frames in connlab code."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    steps = []
+    while frame is not None and len(steps) < 3:
+        code = frame.f_code
+        if "connlab" in code.co_filename and "/process.py" not in code.co_filename:
+            steps.append(f"{code.co_name} ({os.path.basename(code.co_filename)}:{frame.f_lineno})")
+        frame = frame.f_back
+    return " < ".join(steps) if steps else "an unknown step"
 
 
 def select(ids: list[str] | None = None) -> list[Scenario]:
@@ -561,10 +648,6 @@ def order_key(scenario_id: str) -> tuple[int, int]:
         prefixes.index(head) if head in prefixes else len(prefixes),
         int(number) if number.isdigit() else 0,
     )
-
-
-def with_options(options: Options, **changes: Any) -> Options:
-    return replace(options, **changes)
 
 
 def iter_results(scenarios: list[Scenario], targets: list[Target], options: Options) -> Iterator[Result]:

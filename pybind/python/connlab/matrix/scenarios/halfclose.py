@@ -7,10 +7,18 @@ import socket
 import threading
 from typing import Any
 
-from connlab.client import HEADER, encode, read_frame, read_to_eof, wait_until
-from connlab.matrix.checks import expect_reason, quiescent, stats_delta
+from connlab.client import HEADER, encode, read_frame, read_to_eof
+from connlab.matrix.checks import (
+    accepted_socket,
+    expect_reason,
+    frame_limit,
+    listener_inode,
+    settled,
+    stats_delta,
+    wait_consumed,
+    wait_listener_closed,
+)
 from connlab.matrix.core import COMMAND, IN_PROCESS, Context, Skip, check, scenario
-from connlab.matrix.scenarios.errors import accepted_socket, socket_inodes, wait_consumed
 
 
 def read_eof(sock: socket.socket, what: str) -> bytes:
@@ -21,7 +29,7 @@ def read_eof(sock: socket.socket, what: str) -> bytes:
         raise AssertionError(f"{what}: the server reset the connection instead of closing it") from None
 
 
-@scenario("C1", "half-close", "send 10 frames, shutdown(SHUT_WR), then read")
+@scenario("C1", "half-close", "send 10 frames, shutdown(SHUT_WR), then read", budget=10)
 def c1(ctx: Context) -> None:
     server = ctx.server()
     client = ctx.connect(server)
@@ -32,47 +40,29 @@ def c1(ctx: Context) -> None:
     got = read_eof(client, "after the half-close")
     check(got == b"".join(encode(p) for p in payloads), f"expected the 10 echoes then EOF, got {got[:80]!r}")
     client.close()
-    quiescent(ctx, server)
+    settled(ctx, server)
     expect_reason(ctx, server, peer, "eof")
 
 
-def listener_inode(pid: int, port: int) -> int | None:
-    """The inode of process `pid`'s listening socket on `port`. Called before any client connects,
-    a server whose process holds one socket holds just its listener; else one pass over the TCP
-    tables finds it."""
-    sockets = socket_inodes(pid)
-    if len(sockets) == 1:
-        return sockets.pop()
-    for table in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{table}", encoding="ascii") as f:
-                rows = f.readlines()[1:]
-        except FileNotFoundError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if int(cols[1].rpartition(":")[2], 16) == port and cols[3] == "0A":
-                return int(cols[9])
-    return None
-
-
-@scenario("C2", "half-close", "server half-close: request in flight when stop(grace) begins",
-          kinds=frozenset({IN_PROCESS, COMMAND}))  # fmt: skip
+@scenario(
+    "C2",
+    "half-close",
+    "server half-close: request in flight when stop(grace) begins",
+    budget=20,
+    kinds=frozenset({IN_PROCESS, COMMAND}),
+)
 def c2(ctx: Context) -> None:
     server = ctx.server()
     if not server.stoppable:
         raise Skip("needs a server the matrix can stop")
     grace = 1.0
-    assert server.pid is not None
-    # Found now: the frame below has only read_timeout to complete, too short for a table scan.
-    listener = listener_inode(server.pid, server.address[1])
-    check(listener is not None, f"no listening socket of pid {server.pid} on port {server.address[1]}")
-    assert listener is not None
-    sockets = socket_inodes(server.pid)
+    port = server.address[1]
+    # Found now: the frame below has only read_timeout to complete.
+    listener = listener_inode(port)
     client = ctx.connect(server)
     peer = client.getsockname()
     # Accepted before the stop: one still in the accept queue would be reset by the kernel.
-    accepted_socket(server, sockets, client)
+    accepted_socket(server, client)
     payload = bytes(range(256)) * 64
     frame = encode(payload)
     half = HEADER.size + len(payload) // 2
@@ -81,12 +71,11 @@ def c2(ctx: Context) -> None:
     # so stop's step 2 must not treat the connection as idle.
     wait_consumed(server, peer, half, "ReadingBody")
     report: dict[str, Any] = {}
-    pid = server.pid
     stopper = threading.Thread(target=lambda: report.update(server.stop(grace)), name="c2-stop")
     stopper.start()
     late_error: OSError | None = None
     try:
-        wait_until(lambda: listener not in socket_inodes(pid), what="stop began (listener closed)")
+        wait_listener_closed(port, listener)  # stop has begun
         client.sendall(frame[half:])
         answer = read_frame(client)
         check(answer == payload, "the answer in flight was not delivered whole")
@@ -125,10 +114,10 @@ def c2(ctx: Context) -> None:
     expect_reason(ctx, server, peer, "shutdown")
 
 
-@scenario("C3", "half-close", "half of a frame, then shutdown(SHUT_WR)")
+@scenario("C3", "half-close", "half of a frame, then shutdown(SHUT_WR)", budget=10, needs=("framing",))
 def c3(ctx: Context) -> None:
     server = ctx.server()
-    body = min(1000, int(server.kwargs["max_frame"]))
+    body = min(1000, frame_limit(server))
     before = ctx.stats(server, "truncated_frames +1")
     client = ctx.connect(server)
     peer = client.getsockname()
@@ -137,7 +126,7 @@ def c3(ctx: Context) -> None:
     got = read_eof(client, "after a half frame and the half-close")
     check(got == b"", f"the partial frame was answered: {got[:80]!r}")
     client.close()
-    after = quiescent(ctx, server)
+    after = settled(ctx, server)
     expect_reason(ctx, server, peer, "eof")
     if before is not None and after is not None:
         delta = stats_delta(before, after, "truncated_frames")

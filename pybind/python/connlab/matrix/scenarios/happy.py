@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 
 from connlab.client import encode, read_frame, recv_exact, wait_until
-from connlab.matrix.checks import expect_reason, journal, quiescent
+from connlab.matrix.checks import expect_reason, frame_limit, journal, settled
 from connlab.matrix.core import Context, check, scenario
 
 
-@scenario("H1", "happy", 'connect, send "hello", read echo, close')
+@scenario("H1", "happy", 'connect, send "hello", read echo, close', budget=10)
 def h1(ctx: Context) -> None:
     server = ctx.server()
     client = ctx.connect(server)
@@ -17,7 +17,7 @@ def h1(ctx: Context) -> None:
     client.sendall(encode(b"hello"))
     check(read_frame(client) == b"hello", "echo differs")
     client.close()
-    quiescent(ctx, server)
+    settled(ctx, server)
     steps = journal(ctx, server, peer)
     if steps is not None:
         want = [
@@ -32,10 +32,10 @@ def h1(ctx: Context) -> None:
         check(server.connections() == [], "registry not empty")
 
 
-@scenario("H2", "happy", "one frame of exactly max_frame bytes in uneven chunks with pauses")
+@scenario("H2", "happy", "one frame of exactly max_frame bytes in uneven chunks with pauses", budget=30)
 def h2(ctx: Context) -> None:
     server = ctx.server()
-    max_frame = int(server.kwargs["max_frame"])
+    max_frame = frame_limit(server)
     payload = bytes(itertools.islice(itertools.cycle(range(251)), max_frame))
     frame = encode(payload)
     cuts = sorted({0, 1, 3, 7, max_frame // 7, max_frame // 3, (2 * max_frame) // 3, len(frame)})
@@ -59,7 +59,7 @@ def h2(ctx: Context) -> None:
         check(len(seen) >= 2, f"ReadingBody seen at {sorted(seen)} bytes_in, expected >= 2 values")
 
 
-@scenario("H3", "happy", "100 sequential round trips on one connection")
+@scenario("H3", "happy", "100 sequential round trips on one connection", budget=10)
 def h3(ctx: Context) -> None:
     server = ctx.server()
     client = ctx.connect(server)
@@ -69,7 +69,7 @@ def h3(ctx: Context) -> None:
         check(read_frame(client) == payload, f"round trip {i} echoed wrong")
 
 
-@scenario("H4", "happy", "1000 frames of 64 B pipelined before any read, then read all")
+@scenario("H4", "happy", "1000 frames of 64 B pipelined before any read, then read all", budget=15)
 def h4(ctx: Context) -> None:
     server = ctx.server()
     client = ctx.connect(server)
@@ -79,7 +79,7 @@ def h4(ctx: Context) -> None:
     check(got == payloads, "answers lost or out of order")
 
 
-@scenario("H5", "happy", "empty frame (N = 0)")
+@scenario("H5", "happy", "empty frame (N = 0)", budget=10)
 def h5(ctx: Context) -> None:
     server = ctx.server()
     client = ctx.connect(server)
@@ -87,7 +87,7 @@ def h5(ctx: Context) -> None:
     client.sendall(b"\x00\x00\x00\x00")
     check(recv_exact(client, 4) == b"\x00\x00\x00\x00", "four zero bytes expected")
     client.close()
-    quiescent(ctx, server)
+    settled(ctx, server)
     steps = journal(ctx, server, peer)
     if steps is not None:
         check(("ReadingHeader", "Writing", None) in steps, f"no ReadingHeader->Writing in {steps}")

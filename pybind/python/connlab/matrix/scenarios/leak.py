@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 from contextlib import suppress
 
 from connlab import probe
-from connlab.client import wait_until
-from connlab.matrix.core import COMMAND, EXTERNAL_PID, IN_PROCESS, Context, Failed, check, scenario
-from connlab.matrix.scenarios.churn import (
-    CLOSE,
-    CYCLES,
-    ECHO,
-    PARTIAL,
-    RESET,
-    WIDTH,
-    child_server,
-    churn,
-    guard_of,
-    settled,
-)
+from connlab.client import CLOSE, ECHO, PARTIAL, RESET, churn, wait_until
+from connlab.matrix.checks import CYCLES, WIDTH, settled, wait_fds
+from connlab.matrix.core import COMMAND, EXTERNAL_PID, IN_PROCESS, Context, check, scenario
 
 #: Leak rounds end connections every way a client can: echo and FIN, FIN without data, RST after
 #: a frame, RST in the middle of a frame.
@@ -33,25 +21,18 @@ TRACKED_ROUNDS = 3
 MIB = 1 << 20
 
 
-def wait_fds(pid: int, want: int, what: str) -> None:
-    """Polls (2 s) until process `pid` holds `want` fds."""
-    try:
-        wait_until(lambda: probe.fd_count(pid) == want, what=what)
-    except TimeoutError:
-        raise Failed(f"{what}: {probe.fd_count(pid)} fds, expected {want}") from None
-
-
 @scenario(
     "L1",
     "leak",
     "fds of the server process before start vs after 10 000 churned connections and stop",
+    budget=90,
     kinds=frozenset({IN_PROCESS, COMMAND, EXTERNAL_PID}),
 )
 def l1(ctx: Context) -> None:
     server = ctx.server()
-    guard = guard_of(ctx, server)
+    guard = ctx.guard_of(server)
     before = server.stats()
-    churn(server.address, modes=MIX)
+    churn(server.address, CYCLES, WIDTH, modes=MIX)
     after = settled(ctx, server)
     if before is not None and after is not None:
         reasons = {
@@ -61,10 +42,10 @@ def l1(ctx: Context) -> None:
     assert server.pid is not None and guard.fds is not None
     if ctx.target.kind == IN_PROCESS:
         server.stop()
-        wait_fds(os.getpid(), guard.fds, "fds before start vs after 10 000 connections and stop")
+        wait_fds(ctx, server, guard.fds, "fds before start vs after 10 000 connections and stop")
     else:
         # Its fds exist only while it runs: compared from right after its listener came up.
-        wait_fds(server.pid, guard.fds, "fds after start vs after 10 000 connections")
+        wait_fds(ctx, server, guard.fds, "fds after start vs after 10 000 connections")
         why = "it exits when stopped" if ctx.target.kind == COMMAND else "the matrix does not stop it"
         ctx.note(f"fds compared from right after start, not after stop ({why})")
 
@@ -73,21 +54,22 @@ def l1(ctx: Context) -> None:
     "L2",
     "leak",
     "server in a child process; RSS after churn round 2 (10 000 connections) vs round 1",
+    budget=240,
     kinds=frozenset({IN_PROCESS, COMMAND}),
 )
 def l2(ctx: Context) -> None:
-    server = child_server(ctx, {})
-    pid, guard = server.pid, guard_of(ctx, server)
+    server = ctx.child_server({})
+    pid, guard = server.pid, ctx.guard_of(server)
     assert guard.fds is not None and guard.threads is not None
     rounds: list[tuple[int, int]] = []  # (threads, RSS) after each round
     for n in range(WARMUP_ROUNDS + TRACKED_ROUNDS):
-        churn(server.address, modes=MIX)
-        wait_fds(pid, guard.fds, f"round {n + 1}: every connection closed")
+        churn(server.address, CYCLES, WIDTH, modes=MIX)
+        wait_fds(ctx, server, guard.fds, f"round {n + 1}: every connection closed")
         # A thread leaves /proc a little after its socket is closed: give it the usual 2 s to get
         # back to the count after start, but judge the counts rounds end with, not that.
         with suppress(TimeoutError):
-            wait_until(lambda: probe.thread_count(pid) == guard.threads)
-        rounds.append((probe.thread_count(pid), probe.rss_bytes(pid)))
+            wait_until(lambda: guard.counts()[1] <= (guard.threads or 0))
+        rounds.append((guard.counts()[1], probe.rss_bytes(pid)))
     tracked = rounds[WARMUP_ROUNDS:]
     series = ", ".join(f"{t} threads {rss / MIB:.2f} MiB" for t, rss in rounds)
     check(

@@ -4,21 +4,12 @@ connection limit, and running out of fds."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from connlab import probe
-from connlab.client import encode, read_frame, wait_until
+from connlab.client import Fleet, encode, read_frame, wait_until
+from connlab.matrix.checks import need_fds, open_fleet, wait_held
 from connlab.matrix.core import COMMAND, IN_PROCESS, Context, Failed, Handle, check, scenario
-from connlab.matrix.scenarios.churn import (
-    Fleet,
-    child_server,
-    kernel_view,
-    need_fds,
-    open_fleet,
-    socket_inodes,
-    wait_held,
-)
 
 #: P1: persistent clients, the sampling period and how long samples are taken.
 P1_CLIENTS = 1000
@@ -61,7 +52,9 @@ def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...]) -> str:
     return "\n".join("  ".join(c[k].rjust(widths[k]) for k in range(len(head))) for c in cells)
 
 
-@scenario("P1", "phantom", "1000 persistent connections, a frame each per second, sampled every 0.5 s")
+@scenario(
+    "P1", "phantom", "1000 persistent connections, a frame each per second, sampled every 0.5 s", budget=40
+)
 def p1(ctx: Context) -> None:
     need_fds(2 * P1_CLIENTS + 256)
     # The connections live for the whole scenario: in-process, give them a server that does not
@@ -75,7 +68,6 @@ def p1(ctx: Context) -> None:
     has_stats = ctx.stats(server, "server active in every sample") is not None
     if pid is None:
         ctx.note("owned server-side sockets: not sampled (no pid for the server)")
-    view = kernel_view(ctx)
     fleet = open_fleet(ctx, server, P1_CLIENTS)
     rows: list[tuple[Any, ...]] = []
     try:
@@ -91,10 +83,10 @@ def p1(ctx: Context) -> None:
             )
             t = time.monotonic() - started
             stats = server.stats()
-            sockets = view(port)
-            mine = socket_inodes(pid) if pid is not None else None
-            owned = None if mine is None else sum(1 for _, inode in sockets if inode in mine)
-            established = sum(1 for state, _ in sockets if state == "ESTABLISHED")
+            sockets = probe.server_sockets(port)
+            mine = probe.tree_socket_inodes(pid) if pid is not None else None
+            owned = None if mine is None else sum(1 for _, inode, _ in sockets if inode in mine)
+            established = sum(1 for state, _, _ in sockets if state == "ESTABLISHED")
             rows.append((t, stats["active"] if stats else None, owned, established, fleet.connected))
         bad = [r for r in rows if len({v for v in r[1:] if v is not None}) != 1]
         problems = f"; clients: {dict(list(fleet.problems.items())[:3])}" if fleet.problems else ""
@@ -108,28 +100,26 @@ def p1(ctx: Context) -> None:
         check(not any(fleet.owed), f"{sum(map(bool, fleet.owed))} echoes never arrived")
     finally:
         fleet.close_all()
-    _all_gone_within(server, view, time.monotonic(), 1.0, has_stats)
+    _all_gone_within(server, time.monotonic(), 1.0, has_stats)
     ctx.note(f"{len(rows)} samples, each equal {rows[-1][-1]}")
 
 
-def _all_gone_within(
-    server: Handle, view: Callable[[int], list[tuple[str, int]]], since: float, limit: float, has_stats: bool
-) -> None:
+def _all_gone_within(server: Handle, since: float, limit: float, has_stats: bool) -> None:
     """After the clients closed, within `limit` s: active 0 (by the server's stats; else no socket
     on the port owned by its pid; else none established) and no CLOSE_WAIT on the port."""
     port, pid = server.address[1], server.pid
     seen: dict[str, Any] = {}
 
     def gone() -> bool:
-        sockets = view(port)
+        sockets = probe.server_sockets(port)
         if has_stats:
             seen["active"] = (server.stats() or {}).get("active")
         elif pid is not None:
-            mine = socket_inodes(pid)
-            seen["owned sockets"] = sum(1 for _, inode in sockets if inode in mine)
+            mine = probe.tree_socket_inodes(pid)
+            seen["owned sockets"] = sum(1 for _, inode, _ in sockets if inode in mine)
         else:
-            seen["established"] = sum(1 for state, _ in sockets if state == "ESTABLISHED")
-        seen["CLOSE_WAIT"] = sum(1 for state, _ in sockets if state == "CLOSE_WAIT")
+            seen["held sockets"] = sum(1 for _, inode, _ in sockets if inode)
+        seen["CLOSE_WAIT"] = sum(1 for state, _, _ in sockets if state == "CLOSE_WAIT")
         return not any(seen.values())
 
     while not gone():
@@ -146,7 +136,7 @@ def _serve(clients: list[Any], what: str) -> None:
         check(read_frame(client) == payload, f"{what} {k}: wrong echo")
 
 
-@scenario("P2", "capacity", "max_connections = 50, open 60")
+@scenario("P2", "capacity", "max_connections = 50, open 60", budget=20)
 def p2(ctx: Context) -> None:
     limit = ctx.options.max_connections or P2_LIMIT
     overrides: dict[str, Any] = {"max_connections": limit}
@@ -155,7 +145,7 @@ def p2(ctx: Context) -> None:
     server = ctx.server(**overrides)
     before = ctx.stats(server, "rejected x10")
     held = [ctx.connect(server) for _ in range(limit)]
-    wait_held(ctx, server, limit)
+    wait_held(server, limit)
     _serve(held, "held")
     # The extra ones: EOF within 0.1 s of their connect, without sending a byte.
     extra, eof_after = [], []
@@ -164,15 +154,18 @@ def p2(ctx: Context) -> None:
         client = ctx.connect(server)
         extra.append((client, started))
     for k, (client, started) in enumerate(extra):
-        client.settimeout(max(0.0, started + 0.1 - time.monotonic()))
+        client.settimeout(max(0.0, started + 2.0 - time.monotonic()))
         try:
             got = client.recv(1)
         except TimeoutError:
-            raise Failed(f"extra client {k}: no EOF within 0.1 s of its connect") from None
+            raise Failed(f"extra client {k}: no EOF within 2 s of its connect") from None
         except ConnectionResetError:
             raise Failed(f"extra client {k}: reset (RST) instead of EOF") from None
         check(got == b"", f"extra client {k}: got {got!r}, expected EOF")
         eof_after.append(time.monotonic() - started)
+    ctx.should(
+        max(eof_after) <= 0.1, f"extra clients saw EOF after {max(eof_after) * 1000:.0f} ms, expected 100"
+    )
     if before is not None:
         base = before["closed_by"]["rejected"]
         after = wait_until(
@@ -190,7 +183,7 @@ def p2(ctx: Context) -> None:
     _serve(held, "served")
     for client in held[:P2_ROOM]:
         client.close()
-    wait_held(ctx, server, limit - P2_ROOM)
+    wait_held(server, limit - P2_ROOM)
     newcomers = [ctx.connect(server) for _ in range(P2_ROOM)]
     _serve(newcomers, "newcomer")
     if before is not None:
@@ -199,17 +192,15 @@ def p2(ctx: Context) -> None:
     ctx.note(f"extra clients saw EOF after {max(eof_after) * 1000:.1f} ms at most")
 
 
-def _saturation(
-    fleet: Fleet, pid: int, port: int, nofile: int, view: Callable[[int], list[tuple[str, int]]]
-) -> tuple[bool, int, int]:
+def _saturation(fleet: Fleet, pid: int, port: int, nofile: int) -> tuple[bool, int, int]:
     """(saturated, served, owned): every fd of the child in use, and every connection it holds
     served. Quick (sock_diag), so the clients' keep-alive frames are not held up."""
     fds = probe.fd_count(pid)
     served = sum(1 for e in fleet.echoes if e)
     if fds < nofile:
         return False, served, -1
-    mine = socket_inodes(pid)
-    owned = sum(1 for _, inode in view(port) if inode in mine)
+    mine = probe.tree_socket_inodes(pid)
+    owned = sum(1 for _, inode, _ in probe.server_sockets(port) if inode in mine)
     return served == owned, served, owned
 
 
@@ -217,12 +208,12 @@ def _saturation(
     "P3",
     "capacity",
     "server in a child process with RLIMIT_NOFILE = 64; open 100 clients",
+    budget=30,
     kinds=frozenset({IN_PROCESS, COMMAND}),
 )
 def p3(ctx: Context) -> None:
-    server = child_server(ctx, {}, nofile=P3_NOFILE)
+    server = ctx.child_server({}, nofile=P3_NOFILE)
     pid, port = server.pid, server.address[1]
-    view = kernel_view(ctx)
     fleet = open_fleet(ctx, server, P3_CLIENTS)
     try:
         for i in range(P3_CLIENTS):
@@ -241,7 +232,7 @@ def p3(ctx: Context) -> None:
         def saturated() -> bool:
             nonlocal state
             refresh_keepalive()
-            state = _saturation(fleet, pid, port, P3_NOFILE, view)
+            state = _saturation(fleet, pid, port, P3_NOFILE)
             return state[0]
 
         ok = fleet.pump_until(lambda: fleet.problems or saturated(), timeout=2.0)
@@ -263,7 +254,7 @@ def p3(ctx: Context) -> None:
         check(
             probe.fd_count(pid) == P3_NOFILE, f"no longer saturated: {probe.fd_count(pid)} fds of {P3_NOFILE}"
         )
-        check(share < 0.10, f"child CPU {share:.1%} of a core over 2 s while saturated, expected < 10%")
+        ctx.should(share < 0.10, f"child CPU {share:.1%} of a core over 2 s while saturated, expected < 10%")
         # Open connections are still served.
         fleet.every(keep, [])
         fleet.pump_until(lambda: not any(fleet.owed[i] for i in first), timeout=2.0)

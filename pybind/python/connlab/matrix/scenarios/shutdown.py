@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import os
 import selectors
-import shlex
 import socket
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
-from connlab import probe
-from connlab._native import Server
-from connlab.client import abort, encode, read_frame, recv_exact, wait_until
+from connlab.client import abort, encode, open_client, read_frame, recv_exact, wait_until
+from connlab.matrix.checks import (
+    accepted_socket,
+    listener_inode,
+    quiescent_stats,
+    wait_held,
+    wait_listener_closed,
+)
 from connlab.matrix.core import (
     COMMAND,
     IN_PROCESS,
@@ -26,11 +30,13 @@ from connlab.matrix.core import (
     Failed,
     Handle,
     LeakGuard,
+    Server,
     Skip,
     check,
+    command_handle,
+    free_port,
     scenario,
 )
-from connlab.matrix.scenarios.churn import diag_sockets, guard_of, open_client, quiescent_stats, wait_held
 
 STOPPABLE = frozenset({IN_PROCESS, COMMAND})
 
@@ -85,12 +91,14 @@ class Stopper:
 
 def _no_panic(ctx: Context, handle: Handle, captured: str) -> None:
     """No server thread panicked: nothing about a panic on the server's stderr (this process's
-    while in-process; the child's), and a child exits 0."""
+    while in-process; the child's output), and a child stopped normally (exit 0, or by SIGTERM)."""
     if isinstance(handle, ChildHandle):
-        report = handle.stop_report or {}
-        check(report.get("exit_code") == 0, f"the server exited with {report.get('exit_code')}")
-        if handle.child.stderr is not None:
-            captured += handle.child.stderr.read()
+        stopped = handle.stopped
+        check(
+            stopped is not None and stopped.normal,
+            f"the server {stopped.describe() if stopped else 'ran on'}",
+        )
+        captured += "\n".join(handle.process.tail(50))
     check("panicked" not in captured, f"a server thread panicked: {captured.strip()[-500:]}")
 
 
@@ -133,17 +141,17 @@ def _rebind(ctx: Context, handle: Handle) -> None:
         raise Failed(f"port {port} not rebindable right after stop: {err}") from None
 
 
-@scenario("S1", "shutdown", "100 idle connections, then stop()", kinds=STOPPABLE)
+@scenario("S1", "shutdown", "100 idle connections, then stop()", budget=20, kinds=STOPPABLE)
 def s1(ctx: Context) -> None:
     server = ctx.server(**_in_process(ctx, idle_timeout=LONG))
     clients = [ctx.connect(server) for _ in range(100)]
-    wait_held(ctx, server, 100)
+    wait_held(server, 100)
     started = time.monotonic()
     report = server.stop()
     wall = time.monotonic() - started
     _process_gone(ctx, server)
     elapsed = report.get("elapsed_s", wall)
-    check(
+    ctx.should(
         elapsed < 0.5 and (wall < 0.5 or ctx.target.kind != IN_PROCESS),
         f"stop() took {elapsed:.3f} s (wall {wall:.3f} s), expected < 0.5 s",
     )
@@ -162,13 +170,17 @@ def s1(ctx: Context) -> None:
         check(got == b"", f"client {k}: got {got!r} instead of EOF")
         client.close()
     if ctx.target.kind == IN_PROCESS:
-        leaks = guard_of(ctx, server).check(server.address[1])
+        leaks = ctx.guard_of(server).check(server.address[1])
         check(not leaks, f"after stop: {', '.join(leaks)}")
     _rebind(ctx, server)
 
 
 @scenario(
-    "S2", "shutdown", "10 clients each with a 1 MiB frame fully sent, then stop(grace=2)", kinds=STOPPABLE
+    "S2",
+    "shutdown",
+    "10 clients each with a 1 MiB frame fully sent, then stop(grace=2)",
+    budget=30,
+    kinds=STOPPABLE,
 )
 def s2(ctx: Context) -> None:
     server = ctx.server(**_in_process(ctx, read_timeout=LONG, write_timeout=LONG))
@@ -179,19 +191,14 @@ def s2(ctx: Context) -> None:
     frames = [encode(bytes([k]) * MIB) for k in range(10)]
     # A small receive buffer keeps most of each echo queued in the server when stop() begins, so
     # it has answers to drain rather than only idle connections to close.
-    before = probe.socket_inodes(server.pid) if server.pid is not None else set()
     clients = [open_client(server.address, timeout=10.0, rcvbuf=64 << 10) for _ in frames]
     ctx.sockets.extend(clients)
     for client, frame in zip(clients, frames, strict=True):
         client.sendall(frame)
-    if server.pid is not None:
-        # Accepted before the stop: a frame fits in the socket buffers before the server accepts,
-        # and a connection still in the accept queue is reset when stop ends admission (DESIGN §4).
-        pid, own = server.pid, {os.fstat(c.fileno()).st_ino for c in clients}
-        wait_until(
-            lambda: len(probe.socket_inodes(pid) - before - own) >= len(clients),
-            what=f"the server accepted all {len(clients)} connections",
-        )
+    # Accepted before the stop: a frame fits in the socket buffers before the server accepts,
+    # and a connection still in the accept queue is reset when stop ends admission (DESIGN §4).
+    for client in clients:
+        accepted_socket(server, client)
     got: list[bytearray] = [bytearray() for _ in clients]
     errors: dict[int, str] = {}
     sel = selectors.DefaultSelector()
@@ -331,32 +338,6 @@ class Churners:
         check(not self.errors, f"churn clients: {'; '.join(self.errors[:3])}")
 
 
-def _listener_inode(port: int) -> int:
-    """The inode of the LISTEN socket on `port`."""
-    try:
-        inodes = [inode for _, inode, _ in diag_sockets(port, listen=True)]
-    except OSError:  # no sock_diag: the /proc tables
-        inodes = []
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with suppress(FileNotFoundError), open(table, encoding="ascii") as f:
-                for line in f.readlines()[1:]:
-                    cols = line.split()
-                    if int(cols[1].rpartition(":")[2], 16) == port and cols[3] == "0A":
-                        inodes.append(int(cols[9]))
-    check(len(inodes) == 1, f"{len(inodes)} LISTEN sockets on port {port}, expected 1")
-    return inodes[0]
-
-
-def _holds_socket(inode: int) -> bool:
-    """Whether this process still has the socket `inode` open."""
-    target = f"socket:[{inode}]"
-    for fd in os.listdir("/proc/self/fd"):
-        with suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{fd}") == target:
-                return True
-    return False
-
-
 def _conserved_after_stop(stats: dict[str, Any]) -> None:
     """DESIGN.md §4 after stop: nothing active, every accepted connection closed and counted."""
     counts = {k: stats[k] for k in ("active", "accepted", "closed")}
@@ -369,7 +350,7 @@ def _conserved_after_stop(stats: dict[str, Any]) -> None:
     check(ok, f"counters not conserved after stop: {counts}, closed_by {stats['closed_by']}")
 
 
-@scenario("S3", "shutdown", "stop() while 10 threads churn connections", kinds=STOPPABLE)
+@scenario("S3", "shutdown", "stop() while 10 threads churn connections", budget=40, kinds=STOPPABLE)
 def s3(ctx: Context) -> None:
     grace = 1.0
     # Stop in the thick of it: connects race the listener's close, closes race the stop's own.
@@ -388,7 +369,7 @@ def s3(ctx: Context) -> None:
     after = server.stats()
     _conserved_after_stop(after)
     # Its threads, ours included, are gone before the next server's leak guard takes its baseline.
-    leaks = guard_of(ctx, server).check(server.address[1])
+    leaks = ctx.guard_of(server).check(server.address[1])
     check(not leaks, f"after the racing stop: {', '.join(leaks)}")
     # Under churn "active at the call" is not observable from outside; bound it by what is:
     # every `shutdown` close was active then, and nothing accepted after it.
@@ -405,7 +386,7 @@ def s3(ctx: Context) -> None:
     # frame, answered), the server goes quiet, and stop() is called with `active` known; they go
     # on as soon as the listener is closed.
     server = ctx.server(idle_timeout=LONG, read_timeout=LONG, write_timeout=LONG)
-    inode = _listener_inode(server.address[1])
+    inode = listener_inode(server.address[1])
     with _stderr_captured() as captured:
         churners = Churners(server.address)
         wait_until(lambda: churners.connections >= 200 or churners.errors, timeout=5.0, what="churn running")
@@ -413,7 +394,7 @@ def s3(ctx: Context) -> None:
         quiet = quiescent_stats(server)
         stopper = Stopper(server, grace)
         try:
-            wait_until(lambda: not _holds_socket(inode), what="the listener closed")
+            wait_listener_closed(server.address[1], inode)
         finally:
             churners.release()
         result = stopper.wait(grace + 5.0)
@@ -434,7 +415,7 @@ def _nothing() -> Iterator[list[str]]:
     yield []
 
 
-@scenario("S4", "shutdown", "start and stop 100 times on the same port", kinds=STOPPABLE)
+@scenario("S4", "shutdown", "start and stop 100 times on the same port", budget=180, kinds=STOPPABLE)
 def s4(ctx: Context) -> None:
     if ctx.target.kind == COMMAND:
         _s4_command(ctx)
@@ -442,7 +423,7 @@ def s4(ctx: Context) -> None:
     assert ctx.target.backend is not None
     first = ctx.server()
     host, port = first.address
-    guard = guard_of(ctx, first)
+    guard = ctx.guard_of(first)
     for n in range(100):
         if n == 0:
             server: Any = first
@@ -478,24 +459,20 @@ def _s4_command(ctx: Context) -> None:
         raise Skip(
             "needs the server command to take its port as {port} (it is started 100 times on one port)"
         )
-    with socket.socket() as probe_sock:
-        probe_sock.bind(("127.0.0.1", 0))
-        port = probe_sock.getsockname()[1]
-    kwargs = ctx.options.server_kwargs()
+    port = free_port()
     for n in range(100):
         try:
-            handle = ChildHandle(shlex.split(command.replace("{port}", str(port))), kwargs)
+            handle = command_handle(command, ctx.target.claimed(ctx.options), ctx.options, port=port)
         except RuntimeError as err:
             raise Failed(f"start {n + 1} of 100 on port {port}: {err}") from None
-        guard = LeakGuard(pid=None)
         try:
             check(handle.address[1] == port, f"start {n + 1}: listening on {handle.address}, not port {port}")
             with open_client(handle.address) as client:
                 client.sendall(encode(b"start %d" % n))
                 check(read_frame(client) == b"start %d" % n, f"start {n + 1}: wrong echo")
                 report = handle.stop()
-                check(report.get("exit_code") == 0, f"start {n + 1}: exit code {report.get('exit_code')}")
+                check(report["normal"], f"start {n + 1}: the server {report['exit']} when stopped")
         finally:
             handle.close()
-        leaks = guard.check(port)
+        leaks = LeakGuard(pid=None).check(port)
         check(not leaks, f"after start {n + 1}: {', '.join(leaks)}")

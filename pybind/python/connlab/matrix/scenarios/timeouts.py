@@ -8,72 +8,84 @@ import select
 import socket
 import time
 
-from connlab import probe
 from connlab.client import HEADER, encode
-from connlab.matrix.checks import expect_reason, quiescent, stats_delta, timed_eof, within_timeout_window
+from connlab.matrix.checks import (
+    expect_reason,
+    frame_limit,
+    server_rss,
+    settled,
+    stats_delta,
+    timed_eof,
+    timeout_of,
+    within_timeout_window,
+)
 from connlab.matrix.core import IN_PROCESS, Context, Handle, Skip, check, scenario
-
-
-def timeout_of(handle: Handle, name: str) -> float:
-    """The server's `name` timeout in seconds; skips when that clock is disabled."""
-    value = handle.kwargs.get(name)
-    if not value:
-        raise Skip(f"{name} is disabled on this server")
-    return float(value)
 
 
 def timed_partial_frame(ctx: Context, server: Handle, sent: bytes) -> None:
     """Sends `sent` (a partial frame), then waits: a read_timeout close in the window, truncated +1."""
-    limit = timeout_of(server, "read_timeout")
+    limit = timeout_of(ctx, server, "read_timeout")
     before = ctx.stats(server, "truncated_frames +1")
     client = ctx.connect(server)
     peer = client.getsockname()
     started = time.monotonic()  # before the send: the server's clock cannot start earlier
     client.sendall(sent)
-    elapsed = timed_eof(client, started, 2 * limit + 0.25)
-    within_timeout_window(ctx, elapsed, limit, "read_timeout")
+    elapsed = timed_eof(ctx, client, started, "read_timeout", limit)
     client.close()
-    after = quiescent(ctx, server)
+    if elapsed is None:
+        return
+    within_timeout_window(ctx, elapsed, "read_timeout", limit, "read_timeout")
+    after = settled(ctx, server)
     expect_reason(ctx, server, peer, "read_timeout")
     if before is not None and after is not None:
         delta = stats_delta(before, after, "truncated_frames")
         check(delta == 1, f"truncated_frames +{delta}, expected +1")
 
 
-@scenario("T1", "timeout", "connect, send nothing")
+@scenario("T1", "timeout", "connect, send nothing", budget=10, needs=("idle_timeout",))
 def t1(ctx: Context) -> None:
     server = ctx.server()
-    limit = timeout_of(server, "idle_timeout")
+    limit = timeout_of(ctx, server, "idle_timeout")
     started = time.monotonic()  # before connect: the server's clock cannot start earlier
     client = ctx.connect(server)
     peer = client.getsockname()
-    elapsed = timed_eof(client, started, 2 * limit + 0.25)
-    within_timeout_window(ctx, elapsed, limit, "idle_timeout")
+    elapsed = timed_eof(ctx, client, started, "idle_timeout", limit)
     client.close()
-    quiescent(ctx, server)
+    if elapsed is None:
+        return
+    within_timeout_window(ctx, elapsed, "idle_timeout", limit, "idle_timeout")
+    settled(ctx, server)
     expect_reason(ctx, server, peer, "idle_timeout")
 
 
-@scenario("T2", "timeout", "3 of 4 header bytes, then silence")
+@scenario("T2", "timeout", "3 of 4 header bytes, then silence", budget=10, needs=("read_timeout", "framing"))
 def t2(ctx: Context) -> None:
     timed_partial_frame(ctx, ctx.server(), b"\x00\x00\x00")
 
 
-@scenario("T3", "timeout", "header and half the body, then silence")
+@scenario(
+    "T3", "timeout", "header and half the body, then silence", budget=10, needs=("read_timeout", "framing")
+)
 def t3(ctx: Context) -> None:
     server = ctx.server()
-    body = min(1000, int(server.kwargs["max_frame"]))
+    body = min(1000, frame_limit(server))
     if body < 2:
         raise Skip("needs max_frame >= 2 for a frame with half a body")
     timed_partial_frame(ctx, server, HEADER.pack(body) + b"t" * (body // 2))
 
 
-@scenario("T4", "timeout", "one byte every read_timeout/4 (slowloris)")
+@scenario(
+    "T4",
+    "timeout",
+    "one byte every read_timeout/4 (slowloris)",
+    budget=20,
+    needs=("read_timeout", "framing"),
+)
 def t4(ctx: Context) -> None:
     server = ctx.server()
-    limit = timeout_of(server, "read_timeout")
+    limit = timeout_of(ctx, server, "read_timeout")
     # Long enough that dribbling it takes far longer than the window: only the frame's deadline ends it.
-    frame = encode(b"s" * min(64, int(server.kwargs["max_frame"])))
+    frame = encode(b"s" * min(64, frame_limit(server)))
     if len(frame) * limit / 4 < 2 * limit + 0.25 + limit:
         raise Skip("max_frame too small to dribble past the read_timeout window")
     before = ctx.stats(server, "truncated_frames +1")
@@ -98,37 +110,33 @@ def t4(ctx: Context) -> None:
                 closed_at = time.monotonic()
         if closed_at is not None:
             break
-        check(time.monotonic() - started <= 2 * limit + 0.25,
-              f"slowloris still connected after {time.monotonic() - started:.2f} s "
-              f"({i + 1} bytes): the read deadline does not cover the whole frame")  # fmt: skip
-    check(closed_at is not None, "the whole frame was dribbled without a close")
-    assert closed_at is not None
-    within_timeout_window(ctx, closed_at - started, limit, "read_timeout from the frame's first byte")
+        if time.monotonic() - started > 2 * limit + 0.25:
+            break
     client.close()
-    after = quiescent(ctx, server)
+    if closed_at is None:
+        ctx.should(False, f"slowloris still connected after {time.monotonic() - started:.2f} s: the "
+                   f"read deadline does not cover the whole frame (or {ctx.options.option('read_timeout')} "
+                   f"{limit:g} is not the server's)")  # fmt: skip
+        return
+    within_timeout_window(
+        ctx, closed_at - started, "read_timeout", limit, "read_timeout from the frame's first byte"
+    )
+    after = settled(ctx, server)
     expect_reason(ctx, server, peer, "read_timeout")
     if before is not None and after is not None:
         delta = stats_delta(before, after, "truncated_frames")
         check(delta == 1, f"truncated_frames +{delta}, expected +1")
 
 
-def server_rss(ctx: Context, handle: Handle) -> int | None:
-    """The server process's RSS (this process for an in-process server), or None (noted)."""
-    if handle.pid is None:
-        ctx.note("server RSS: not checked (no pid for this target)")
-        return None
-    return probe.rss_bytes(handle.pid)
-
-
-@scenario("T5", "timeout", "pipelines frames and never reads (slow reader)")
+@scenario("T5", "timeout", "pipelines frames and never reads (slow reader)", budget=30)
 def t5(ctx: Context) -> None:
     server = ctx.server()
-    limit = timeout_of(server, "write_timeout")
-    max_frame = int(server.kwargs["max_frame"])
+    limit = float(server.kwargs.get("write_timeout") or 0)
+    max_frame = frame_limit(server)
     bound = max_frame + int(server.kwargs["max_pending_output"]) + (1 << 20)
     stream = memoryview(encode(bytes(min(64 << 10, max_frame))) * 16)  # whole frames: wrapping keeps framing
     # Well under the write timeout: a send blocked this long means the server stopped reading.
-    stall = limit / 5
+    stall = limit / 5 if limit else 0.5
     if ctx.target.kind == IN_PROCESS:
         ctx.note("server RSS: this process's (the server runs in it)")
     rss_before = server_rss(ctx, server)
@@ -155,6 +163,9 @@ def t5(ctx: Context) -> None:
         growth = rss - rss_before
         check(growth < bound, f"server RSS grew {growth / 2**20:.1f} MiB with the slow reader "
               f"(bound max_frame + max_pending_output + 1 MiB = {bound / 2**20:.1f} MiB)")  # fmt: skip
+    if not limit:
+        ctx.note(f"write_timeout close: n/a, {ctx.options.unclaimed('write_timeout')}")
+        return
     # The write_timeout close is abortive: the client sees the RST as an error on its socket,
     # without reading. The server's clock started at its last accepted write, which came before
     # the client's last accepted send, so only the upper end of the window applies here.
@@ -163,10 +174,12 @@ def t5(ctx: Context) -> None:
     window = 2 * limit + 0.25 - (time.monotonic() - last_send)
     events = poller.poll(max(0.0, window) * 1000)
     elapsed = time.monotonic() - last_send
-    check(events, f"slow reader still connected {elapsed:.2f} s after its last send "
-          f"(write_timeout {limit} s)")  # fmt: skip
+    if not events:
+        ctx.should(False, f"slow reader still connected {elapsed:.2f} s after its last send "
+                   f"({ctx.options.option('write_timeout')} {limit:g})")  # fmt: skip
+        return
     err = client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     check(err == errno.ECONNRESET, f"expected an abortive close (RST), socket error {os.strerror(err)!r}")
     client.close()
-    quiescent(ctx, server)
+    settled(ctx, server)
     expect_reason(ctx, server, peer, "write_timeout")
