@@ -7,7 +7,8 @@ read or write timeouts and no maximum frame size. `--byte-echo` echoes bytes as 
 socat, ncat or inetd's echo), so half frames are echoed too. `--fork` forks a child per connection
 (inetd / `socat fork` style); the children keep SIGTERM's default action, share stdout/stderr with
 the parent and outlive it, as orphans of such servers do. `--sigterm default` dies by the signal,
-`--sigterm exit` exits 0. `--log-resets` writes one long stderr line per connection reset by peer.
+`--sigterm exit` exits 0, `--sigterm crash`
+aborts (a crash at stop). `--log-resets` writes one long stderr line per connection reset by peer.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class Server:
     def run(self) -> None:
         if self.args.sigterm == "exit":
             signal.signal(signal.SIGTERM, self.on_sigterm)
+        elif self.args.sigterm == "crash":
+            signal.signal(signal.SIGTERM, lambda *_: os.abort())
         if self.args.fork:
             signal.signal(signal.SIGCHLD, reap_children)
         if not self.args.quiet:
@@ -245,9 +248,10 @@ def main() -> None:
     )
     p.add_argument(
         "--sigterm",
-        choices=("default", "exit"),
+        choices=("default", "exit", "crash"),
         default="default",
-        help="default: die by SIGTERM; exit: close everything and exit 0 (forked children keep the default)",
+        help="default: die by SIGTERM; exit: close everything and exit 0; crash: abort (SIGABRT) on "
+        "SIGTERM (forked children keep the default)",
     )
     p.add_argument(
         "--log-resets", action="store_true", help="write one long stderr line per connection reset by peer"

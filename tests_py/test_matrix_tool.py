@@ -30,27 +30,28 @@ def statuses(path: Path) -> dict[str, str]:
     return {r["scenario"]: r["status"] for r in json.loads(path.read_text())["results"]}
 
 
+#: What broken_servers.py implements: a 0.5 s idle and read timeout, no write timeout.
+CLAIMS = ("--idle-timeout", "0.5", "--read-timeout", "0.5", "--write-timeout", "none")
+
+
 @pytest.mark.parametrize(
-    ("mode", "fails", "passes"),
+    ("mode", "expected"),
     [
-        ("echo", [], ["H1", "C1", "T1"]),
-        ("leak-fd", ["H1", "H3"], []),
-        ("no-half-close", ["C1"], ["H1"]),
-        ("no-idle-timeout", ["T1"], ["H1", "C1"]),
+        ("echo", {"H1": "pass", "C1": "pass", "T1": "pass"}),
+        ("leak-fd", {"H1": "fail", "H3": "fail"}),
+        ("no-half-close", {"C1": "fail", "H1": "pass"}),
+        # A claimed timeout that never fires is a SHOULD missed, not a broken MUST.
+        ("no-idle-timeout", {"T1": "warn", "H1": "pass", "C1": "pass"}),
     ],
 )
-def test_broken_servers_fail_the_matching_scenarios(
-    tmp_path: Path, mode: str, fails: list, passes: list
-) -> None:
+def test_broken_servers_fail_the_matching_scenarios(tmp_path: Path, mode: str, expected: dict) -> None:
     out = tmp_path / "m.json"
     cmd = shlex.join([sys.executable, str(BROKEN), mode])
     code, text = matrix(
-        "--serve-cmd", cmd, "--name", mode, "--only", ",".join(fails + passes), "--json", str(out)
+        "--serve-cmd", cmd, "--name", mode, "--only", ",".join(expected), "--json", str(out), *CLAIMS
     )
-    got = statuses(out)
-    assert all(got[s] == "fail" for s in fails), (got, text)
-    assert all(got[s] == "pass" for s in passes), (got, text)
-    assert code == (1 if fails else 0), text
+    assert statuses(out) == expected, text
+    assert code == (1 if "fail" in expected.values() else 0), text
 
 
 def test_leak_is_named_in_the_detail(tmp_path: Path) -> None:
@@ -71,17 +72,17 @@ def test_baseline_reports_unexpected_failures_and_passes(tmp_path: Path) -> None
     baseline = tmp_path / "baseline.json"
     rows = [
         {"scenario": "H1", "target": "command", "status": "fail", "seconds": 0, "detail": ""},
-        {"scenario": "T1", "target": "command", "status": "pass", "seconds": 0, "detail": ""},
+        {"scenario": "C1", "target": "command", "status": "pass", "seconds": 0, "detail": ""},
     ]
     baseline.write_text(json.dumps({"results": rows}))
-    cmd = shlex.join([sys.executable, str(BROKEN), "no-idle-timeout"])
-    code, text = matrix("--serve-cmd", cmd, "--only", "H1,T1", "--baseline", str(baseline))
+    cmd = shlex.join([sys.executable, str(BROKEN), "no-half-close"])
+    code, text = matrix("--serve-cmd", cmd, "--only", "H1,C1", "--baseline", str(baseline))
     assert "unexpected pass: H1 on command: FAIL -> pass" in text, text
-    assert "unexpected failure: T1 on command: pass -> FAIL" in text, text
+    assert "unexpected failure: C1 on command: pass -> FAIL" in text, text
     assert code == 1
     rows[1]["status"] = "fail"
     baseline.write_text(json.dumps({"results": rows}))
-    code, text = matrix("--serve-cmd", cmd, "--only", "T1", "--baseline", str(baseline))
+    code, text = matrix("--serve-cmd", cmd, "--only", "C1", "--baseline", str(baseline))
     assert code == 0 and "matches the baseline" in text, text
 
 
@@ -118,7 +119,11 @@ def test_help_explains_every_option() -> None:
         "--read-timeout",
         "--write-timeout",
         "--max-frame",
+        "--byte-echo",
         "--repeat",
+        "--strict",
+        "--start-timeout",
+        "--scenario-timeout",
     ):
         assert option in text
 
@@ -154,28 +159,28 @@ def test_repeat_runs_every_round_and_counts_the_failed_ones(tmp_path: Path) -> N
 
 def test_repeat_against_a_broken_server_fails_in_every_round(tmp_path: Path) -> None:
     out, junit = tmp_path / "m.json", tmp_path / "m.xml"
-    cmd = shlex.join([sys.executable, str(BROKEN), "no-idle-timeout"])
+    cmd = shlex.join([sys.executable, str(BROKEN), "no-half-close"])
     code, text = matrix(
-        "--serve-cmd", cmd, "--name", "nit", "--only", "H1,T1", "--repeat", "2", "--json", str(out),
+        "--serve-cmd", cmd, "--name", "nhc", "--only", "H1,C1", "--repeat", "2", "--json", str(out),
         "--junit", str(junit),
     )  # fmt: skip
     assert code == 1, text
     for k in (1, 2):
-        assert f"FAIL T1 on nit (round {k}/2): AssertionError: not closed" in text, text
-        assert f"    round {k}: AssertionError: not closed" in text, text
+        assert f"C1  on nhc round {k}/2  FAIL" in text and "expected the 10 echoes then EOF" in text, text
+        assert f"    round {k}: Failed: expected the 10 echoes then EOF" in text, text
     assert "FAIL 2/2 failed" in text and "pass 0/2 failed" in text, text
-    assert "FAIL T1 on nit: failed in 2/2 rounds" in text and "(2 of 4 runs failed)" in text, text
+    assert "FAIL C1 on nhc: failed in 2/2 rounds" in text and "(2 of 4 runs failed)" in text, text
     data = json.loads(out.read_text())
     outcome = {r["scenario"]: (r["status"], r["failed_rounds"]) for r in data["results"]}
-    assert outcome == {"H1": ("pass", 0), "T1": ("fail", 2)}, data["results"]
-    assert data["summary"] == {"pass": 1, "fail": 1, "skip": 0}, data["summary"]
-    assert [statuses_of(one) for one in data["rounds"]] == [{"H1": "pass", "T1": "fail"}] * 2, data
+    assert outcome == {"H1": ("pass", 0), "C1": ("fail", 2)}, data["results"]
+    assert data["summary"] == {"pass": 1, "fail": 1, "warn": 0, "n/a": 0, "skip": 0}, data["summary"]
+    assert [statuses_of(one) for one in data["rounds"]] == [{"H1": "pass", "C1": "fail"}] * 2, data
     cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
-    failure = cases["T1"].find("failure")
+    failure = cases["C1"].find("failure")
     assert failure is not None and failure.get("message", "").startswith("failed in 2/2 rounds"), failure
     assert cases["H1"].find("failure") is None
-    # A --repeat JSON is a baseline too: T1 is a known failure, H1 a known pass.
-    code, text = matrix("--serve-cmd", cmd, "--name", "nit", "--only", "H1", "--baseline", str(out))
+    # A --repeat JSON is a baseline too: C1 is a known failure, H1 a known pass.
+    code, text = matrix("--serve-cmd", cmd, "--name", "nhc", "--only", "H1", "--baseline", str(out))
     assert code == 0 and "matches the baseline" in text, text
 
 
@@ -208,13 +213,24 @@ def test_repeat_must_be_a_positive_integer() -> None:
 
 
 SERVE_FLAGS = "--idle-timeout 0.5 --read-timeout 0.5 --write-timeout 0.5 --workers 2"
+#: The same, told to the matrix: it cannot read another process's settings.
+SERVE_CLAIMS = [
+    "--idle-timeout",
+    "0.5",
+    "--read-timeout",
+    "0.5",
+    "--write-timeout",
+    "0.5",
+    "--max-frame",
+    "1048576",
+]
 
 
 def test_whole_matrix_against_a_server_command(tmp_path: Path) -> None:
     """Every scenario that applies to a launched server passes; the rest skip with a reason."""
     out = tmp_path / "m.json"
     cmd = f"{shlex.quote(sys.executable)} -m connlab serve --backend epoll --port 0 {SERVE_FLAGS}"
-    code, text = matrix("--serve-cmd", cmd, "--json", str(out), timeout=600)
+    code, text = matrix("--serve-cmd", cmd, "--json", str(out), *SERVE_CLAIMS, timeout=600)
     results = json.loads(out.read_text())["results"]
     assert code == 0, text
     skipped = {r["scenario"]: r["detail"] for r in results if r["status"] == "skip"}
@@ -230,7 +246,9 @@ def test_whole_matrix_against_a_running_server_with_pid(tmp_path: Path) -> None:
     try:
         assert child.stdout is not None
         address = json.loads(child.stdout.readline())["address"]
-        code, text = matrix("--target", address, "--pid", str(child.pid), "--json", str(out), timeout=600)
+        code, text = matrix(
+            "--target", address, "--pid", str(child.pid), "--json", str(out), *SERVE_CLAIMS, timeout=600
+        )
     finally:
         child.terminate()
         child.wait(timeout=10)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from connlab._measure import targets
+from connlab._measure.bench import Workload
 
 CONNLAB = [sys.executable, "-m", "connlab"]
 TINY = [
@@ -170,16 +171,19 @@ def test_targets_are_ratios_to_the_same_run() -> None:
     def cell(**figures: float) -> dict:
         return {k: {"median": v, "min": v, "max": v} for k, v in figures.items()}
 
-    bench = {
-        "summary": {
-            "closed64-c10": {"epoll": cell(frames_per_s=120.0), "tokio": cell(frames_per_s=100.0)},
-            "closed64-c1000": {"epoll": cell(p99_us=40.0), "tokio": cell(p99_us=100.0)},
-            "idle": {"tokio": cell(rss_per_conn_bytes=5000.0)},
-            "rtt": {"epoll": cell(p50_us=25.0)},
+    closed = Workload("closed", connections=10), Workload("closed", connections=1000)
+    summary = {
+        closed[0]: {"epoll": cell(frames_per_s=120.0), "tokio": cell(frames_per_s=100.0)},
+        closed[1]: {"epoll": cell(p99_us=40.0), "tokio": cell(p99_us=100.0)},
+        Workload("idle", steps=(0, 50)): {"tokio": cell(rss_per_conn_bytes=5000.0)},
+        Workload("rtt"): {"epoll": cell(p50_us=25.0)},
+        Workload("churn", cycles=20, parallel=5): {
+            "epoll": cell(conns_per_s=300.0),
+            "tokio": cell(conns_per_s=200.0),
         },
-        "pingpong": [{"latency_us": {"p50": 20.0}}],
     }
-    rows = {r["label"]: r for r in targets.evaluate(targets.default_targets(2), bench)}
+    pingpong = [{"latency_us": {"p50": 20.0}}]
+    rows = {r["label"]: r for r in targets.evaluate(targets.default_targets(2), summary, pingpong)}
     assert rows["epoll >= 1.0x tokio frames/s at 10 connections"]["met"] is True
     assert rows["epoll >= 1.0x tokio frames/s at 10 connections"]["value"] == pytest.approx(1.2)
     assert rows["epoll p99 <= 0.5x tokio's at 1000 connections"]["met"] is True
@@ -187,3 +191,5 @@ def test_targets_are_ratios_to_the_same_run() -> None:
     assert rows["epoll one-connection p50 <= 1.2x raw loopback ping-pong"]["value"] == pytest.approx(1.25)
     assert rows["epoll one-connection p50 <= 1.2x raw loopback ping-pong"]["met"] is False
     assert rows["poll >= 0.8x epoll at 100 connections"]["met"] is None
+    # Read from whatever churn the run had, found by its kind, not by its name.
+    assert rows["epoll >= 1.1x tokio churn rate"]["value"] == pytest.approx(1.5)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+
+from connlab.process import ServeProcess, connlab_serve_argv
 
 USES_SERVER = """
 from connlab.client import connect, encode, read_frame
@@ -71,45 +69,55 @@ def test_marker_is_registered_and_the_grid_printed(pytester: pytest.Pytester) ->
 
 
 def test_matrix_against_an_external_target_with_pid(pytester: pytest.Pytester) -> None:
-    serve = [
-        sys.executable,
-        "-m",
-        "connlab",
-        "serve",
-        "--backend",
-        "poll",
-        "--port",
-        "0",
-        "--idle-timeout",
-        "0.5",
-        "--read-timeout",
-        "0.5",
-        "--write-timeout",
-        "0.5",
-    ]
-    child = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None
-        address = json.loads(child.stdout.readline())["address"]
+    argv = connlab_serve_argv("poll", idle_timeout=0.5, read_timeout=0.5, write_timeout=0.5)
+    with ServeProcess(argv) as server:
+        address = "{}:{}".format(*server.address)
         result = pytester.runpytest_subprocess(
             "--pyargs",
             "connlab.testing",
             "-k",
             "H1 or H3 or H4",
             f"--connlab-target={address}",
-            f"--connlab-pid={child.pid}",
+            f"--connlab-pid={server.pid}",
             "-v",
             "--connlab-grid",
         )
-        result.assert_outcomes(passed=3)
-        result.stdout.fnmatch_lines([f"*test_scenario?{address}-H1? PASSED*", "*scenario x target*"])
-    finally:
-        child.terminate()
-        child.wait(timeout=10)
-        child.stdout.close()  # type: ignore[union-attr]
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([f"*test_scenario?{address}-H1? PASSED*", "*scenario x target*"])
 
 
 def test_target_options_are_checked(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--pyargs", "connlab.testing", "--connlab-pid=5")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--connlab-pid: only with --connlab-target*"])
+
+
+def test_unclaimed_features_are_na_and_a_late_claimed_timeout_warns(pytester: pytest.Pytester) -> None:
+    """A healthy `connlab serve` with its own defaults (60 s idle): nothing fails. Unclaimed, the
+    timed rows are n/a; claimed wrongly (0.5 s), T1 warns naming the plugin's option, and fails
+    only with --connlab-strict."""
+    with ServeProcess(connlab_serve_argv("epoll")) as server:
+        address = "{}:{}".format(*server.address)
+        common = ("--pyargs", "connlab.testing", "-k", "T1 or E2 or H1", f"--connlab-target={address}", "-rs")
+        result = pytester.runpytest_subprocess(*common)
+        result.assert_outcomes(passed=1, skipped=2)
+        result.stdout.fnmatch_lines(
+            ["*n/a: the server claims no idle timeout (--connlab-idle-timeout none)*"]
+        )
+        claimed = ("--connlab-idle-timeout=0.5", "--connlab-max-frame=1048576")
+        result = pytester.runpytest_subprocess(*common, *claimed)
+        result.assert_outcomes(passed=3)
+        result.stdout.fnmatch_lines(
+            ["connlab warning: T1 on *: idle_timeout: not closed within 1.25 s (the matrix assumed "
+             "--connlab-idle-timeout 0.5*"]
+        )  # fmt: skip
+        result = pytester.runpytest_subprocess(*common, *claimed, "--connlab-strict")
+        result.assert_outcomes(passed=2, failed=1)
+
+
+def test_a_claim_must_be_a_number_or_none(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--pyargs", "connlab.testing", "--connlab-read-timeout=soon")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*--connlab-read-timeout: expected a number of seconds or none, got 'soon'*"]
+    )

@@ -3,22 +3,35 @@ matrix options, and a scenario x target grid.
 
 Options (each mirrored by an ini key of the same name without the dashes' prefix):
 `--connlab-backends`, `--connlab-target HOST:PORT`, `--connlab-pid PID`, `--connlab-serve-cmd CMD`,
-`--connlab-idle-timeout`, `--connlab-read-timeout`, `--connlab-write-timeout`, `--connlab-max-frame`,
-`--connlab-max-connections`, `--connlab-grid`.
+the server's claims `--connlab-idle-timeout`, `--connlab-read-timeout`, `--connlab-write-timeout`,
+`--connlab-max-frame` (a number, or none; not given: absent for a target or command, the
+matrix's short ones for backends), `--connlab-byte-echo`, `--connlab-max-connections`, and
+`--connlab-start-timeout`, `--connlab-scenario-timeout`, `--connlab-strict`, `--connlab-grid`.
+
+A row the server's claims make n/a is skipped with "n/a: ..."; a warning (a SHOULD missed) passes
+and is listed at the end, or fails with `--connlab-strict`.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from connlab import probe
-from connlab._native import BACKENDS, Server
-from connlab.matrix.core import Options, Target, order_key
+from connlab._native import Server
+from connlab.matrix.core import (
+    CONFIGURED,
+    Options,
+    Target,
+    options_for,
+    order_key,
+    parse_backends,
+    parse_claim,
+)
+from connlab.process import LeakGuard
 
 # (option name, ini/dest name, type, default, help)
 _OPTIONS = [
@@ -32,11 +45,19 @@ _OPTIONS = [
         None,
         "a command that starts a server printing its host:port (launched per scenario)",
     ),
-    ("--connlab-idle-timeout", "connlab_idle_timeout", float, 0.5, "the server's idle timeout (s)"),
-    ("--connlab-read-timeout", "connlab_read_timeout", float, 0.5, "the server's read timeout (s)"),
-    ("--connlab-write-timeout", "connlab_write_timeout", float, 0.5, "the server's write timeout (s)"),
-    ("--connlab-max-frame", "connlab_max_frame", int, 1 << 20, "the server's max_frame (bytes)"),
+    ("--connlab-idle-timeout", "connlab_idle_timeout", str, None, "the server's idle timeout: S or none"),
+    ("--connlab-read-timeout", "connlab_read_timeout", str, None, "the server's read timeout: S or none"),
+    ("--connlab-write-timeout", "connlab_write_timeout", str, None, "the server's write timeout: S or none"),
+    ("--connlab-max-frame", "connlab_max_frame", str, None, "the server's max_frame: BYTES or none"),
     ("--connlab-max-connections", "connlab_max_connections", int, None, "the server's connection limit"),
+    (
+        "--connlab-start-timeout",
+        "connlab_start_timeout",
+        float,
+        10.0,
+        "seconds a launched server has to start",
+    ),
+    ("--connlab-scenario-timeout", "connlab_scenario_timeout", float, 1.0, "scales every scenario's budget"),
 ]
 
 
@@ -47,6 +68,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             flag, dest=name, default=None, type=kind, help=f"{text} (ini: {name}; default: {default})"
         )
         parser.addini(name, text, default=None if default is None else str(default))
+    for flag, text in (
+        ("--connlab-byte-echo", "the server echoes bytes without framing: framing rows are n/a"),
+        ("--connlab-strict", "a warning (a SHOULD missed) fails the test"),
+    ):
+        name = flag[2:].replace("-", "_")
+        group.addoption(flag, dest=name, action="store_true", default=None, help=f"{text} (ini: {name})")
+        parser.addini(name, text, type="bool", default=False)
     group.addoption(
         "--connlab-grid",
         action="store_true",
@@ -71,14 +99,10 @@ def _value(config: pytest.Config, name: str) -> object:
 
 
 def _selected_backends(config: pytest.Config) -> list[str]:
-    raw = str(_value(config, "connlab_backends"))
-    if raw == "all":
-        return list(BACKENDS)
-    chosen = [name.strip() for name in raw.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(BACKENDS))
-    if unknown or not chosen:
-        raise pytest.UsageError(f"--connlab-backends: unknown {unknown}; available: {', '.join(BACKENDS)}")
-    return chosen
+    try:
+        return parse_backends(str(_value(config, "connlab_backends")))
+    except ValueError as err:
+        raise pytest.UsageError(f"--connlab-backends: {err}") from None
 
 
 def _targets(config: pytest.Config) -> list[Target]:
@@ -105,6 +129,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # Bad options are usage errors, reported before collection.
     config.stash[_BACKENDS] = _selected_backends(config)
     config.stash[_TARGETS] = _targets(config)
+    config.stash[_OPTIONS_KEY] = _options(config)
+    config.stash[_WARNINGS] = []
 
 
 @pytest.hookimpl(trylast=True)
@@ -120,18 +146,43 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("connlab_target", targets, ids=[t.name for t in targets])
 
 
+def warnings_seen(config: pytest.Config) -> list[str]:
+    """The warnings of the session's matrix rows, listed at its end."""
+    return config.stash[_WARNINGS]
+
+
+def _flag(config: pytest.Config, name: str) -> bool:
+    value = config.getoption(name)
+    return bool(config.getini(name) if value is None else value)
+
+
+def _options(config: pytest.Config) -> Options:
+    """What the scenarios know of the server, from the options and ini keys (usage errors now)."""
+    claims: dict[str, float | int | None] = {}
+    for feature in CONFIGURED:
+        raw = _value(config, f"connlab_{feature}")
+        if raw is not None:
+            try:
+                claims[feature] = parse_claim(feature, str(raw))
+            except ValueError as err:
+                raise pytest.UsageError(f"--connlab-{feature.replace('_', '-')}: {err}") from None
+    max_connections = _value(config, "connlab_max_connections")
+    in_process = all(t.backend is not None for t in config.stash[_TARGETS])
+    return options_for(
+        in_process,
+        claims,
+        max_connections=int(max_connections) if max_connections is not None else None,  # type: ignore[call-overload]
+        byte_echo=_flag(config, "connlab_byte_echo"),
+        start_timeout=float(_value(config, "connlab_start_timeout")),  # type: ignore[arg-type]
+        budget_scale=float(_value(config, "connlab_scenario_timeout")),  # type: ignore[arg-type]
+        option_prefix="--connlab-",
+    )
+
+
 @pytest.fixture
 def connlab_options(request: pytest.FixtureRequest) -> Options:
-    """What the scenarios assume of the server, from the options and ini keys."""
-    c = request.config
-    max_connections = _value(c, "connlab_max_connections")
-    return Options(
-        idle_timeout=float(_value(c, "connlab_idle_timeout")),  # type: ignore[arg-type]
-        read_timeout=float(_value(c, "connlab_read_timeout")),  # type: ignore[arg-type]
-        write_timeout=float(_value(c, "connlab_write_timeout")),  # type: ignore[arg-type]
-        max_frame=int(_value(c, "connlab_max_frame")),  # type: ignore[call-overload]
-        max_connections=int(max_connections) if max_connections is not None else None,  # type: ignore[call-overload]
-    )
+    """What the scenarios know of the server: its claims, from the options and ini keys."""
+    return request.config.stash[_OPTIONS_KEY]
 
 
 @pytest.fixture
@@ -153,6 +204,8 @@ _RESULTS = pytest.StashKey[dict[tuple[str, str], _Outcome]]()
 _SESSION_START = pytest.StashKey[tuple[int, int]]()
 _BACKENDS = pytest.StashKey[list[str]]()
 _TARGETS = pytest.StashKey[list[Target]]()
+_OPTIONS_KEY = pytest.StashKey[Options]()
+_WARNINGS = pytest.StashKey[list[str]]()
 
 
 def _cell(item: pytest.Item) -> tuple[str, str] | None:
@@ -174,6 +227,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     cell = _cell(item)
     if cell is not None:
         status = "skip" if report.skipped else ("FAIL" if report.failed else "pass")
+        graded = dict(item.user_properties).get("connlab_status")
+        if graded in ("warn", "n/a") and report.when == "call":
+            status = graded
         results = item.config.stash[_RESULTS]
         previous = results.get(cell)
         if previous is None:
@@ -192,6 +248,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         f"connlab: this process had {fds} fds and {threads} threads before the session, "
         f"{probe.fd_count()} and {probe.thread_count()} after it"
     )
+    for line in config.stash[_WARNINGS]:
+        terminalreporter.write_line(f"connlab warning: {line}")
     results = config.stash[_RESULTS]
     if not config.getoption("connlab_grid") or not results:
         return
@@ -209,29 +267,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         tr.write_line(scenario.ljust(10) + "".join(cells))
 
 
-@dataclass
-class LeakGuard:
-    """Fd and native-thread counts of this process, taken before a server starts."""
-
-    fds: int
-    threads: int
-
-    def assert_back_to_baseline(self, timeout: float = 2.0) -> None:
-        """Polls until both counts are back to the baseline, or fails naming what is left."""
-        deadline = time.monotonic() + timeout
-        while True:
-            fds, threads = probe.fd_count(), probe.thread_count()
-            if fds == self.fds and threads == self.threads:
-                return
-            if time.monotonic() >= deadline:
-                pytest.fail(
-                    f"leak: fds {self.fds} -> {fds}, threads {self.threads} -> {threads}; "
-                    f"open fds now: {_fd_targets()}; threads now: {probe.thread_names()}",
-                    pytrace=False,
-                )
-            time.sleep(0.005)
-
-
 def _fd_targets() -> list[str]:
     targets = []
     for fd in sorted(os.listdir("/proc/self/fd"), key=int):
@@ -244,8 +279,12 @@ def _fd_targets() -> list[str]:
 
 @pytest.fixture
 def leak_guard() -> Iterator[LeakGuard]:
-    """Takes the baseline before the test's servers start; after they stop and the test's
-    sockets close, fds and native threads must come back to it (polled for 2 s)."""
-    guard = LeakGuard(fds=probe.fd_count(), threads=probe.thread_count())
+    """Takes the baseline (fds and native threads of this process and its children) before the
+    test's servers start; after they stop and the test's sockets close, both must be back to it
+    (polled for 2 s), or the test errors naming what is left."""
+    guard = LeakGuard(pid=os.getpid())
+    guard.baseline()
     yield guard
-    guard.assert_back_to_baseline()
+    if problems := guard.check(port=None):
+        now = f"open fds now: {_fd_targets()}; threads now: {probe.thread_names()}"
+        pytest.fail(f"leak: {', '.join(problems)}; {now}", pytrace=False)

@@ -7,56 +7,38 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from dataclasses import fields
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from connlab import matrix
-from connlab._cli.options import positive_float, positive_int
+from connlab._cli.options import (
+    backend_list,
+    churn_spec,
+    idle_steps,
+    int_list,
+    output_dir,
+    output_path,
+    positive_float,
+    positive_int,
+)
 from connlab._measure import report, targets
-from connlab._measure.bench import BenchConfig, default_workloads, machine, run_bench
+from connlab._measure.bench import Bench, BenchConfig, default_workloads, machine, run_bench
 from connlab._measure.soak import Sample, SoakConfig, run_soak
 from connlab._native import BACKENDS
 from connlab.matrix import report as matrix_report
 
-Handler = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return values
-
-
-def _churn(text: str) -> tuple[int, int]:
-    cycles, sep, parallel = text.partition("x")
-    if not sep or not cycles.isdigit() or not parallel.isdigit() or int(cycles) < 1 or int(parallel) < 1:
-        raise argparse.ArgumentTypeError(f"expected CYCLESxPARALLEL such as 1000x10, got {text!r}")
-    return int(cycles), int(parallel)
-
-
-def _backends(text: str) -> list[str]:
-    names = list(BACKENDS) if text == "all" else [b.strip() for b in text.split(",") if b.strip()]
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown backends {unknown or names}; available: {', '.join(BACKENDS)}"
-        )
-    return names
-
-
-def _bench_options(p: argparse.ArgumentParser, quick_defaults: bool = False) -> None:
+def _bench_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("benchmark")
     g.add_argument(
         "--backends",
-        type=_backends,
+        type=backend_list,
         default=list(BACKENDS),
         metavar="all|a,b",
         help="backends to measure (default: all)",
@@ -84,7 +66,7 @@ def _bench_options(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
     )
     g.add_argument(
         "--connections",
-        type=_int_list,
+        type=int_list,
         default=[1, 10, 100, 1000, 5000],
         metavar="LIST",
         help="closed-loop 64 B connection counts (default: 1,10,100,1000,5000)",
@@ -98,14 +80,14 @@ def _bench_options(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
     )
     g.add_argument(
         "--churn",
-        type=_churn,
+        type=churn_spec,
         default=(1000, 10),
         metavar="CxP",
         help="churn cycles x parallel connections (default: 1000x10)",
     )
     g.add_argument(
         "--idle-steps",
-        type=_int_list,
+        type=idle_steps,
         default=[0, 1000, 5000],
         metavar="LIST",
         help="idle connection counts for memory per connection (default: 0,1000,5000)",
@@ -125,18 +107,15 @@ def _bench_options(p: argparse.ArgumentParser, quick_defaults: bool = False) -> 
     )
 
 
-def _config(args: argparse.Namespace) -> BenchConfig:
+def _config(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
+    """A config dataclass from the options of the same names, and `given` fields."""
+    names = {f.name for f in fields(cls)} - given.keys()
+    return cls(**given, **{k: v for k, v in vars(args).items() if k in names})
+
+
+def _bench_config(args: argparse.Namespace) -> BenchConfig:
     workloads = default_workloads(args.connections, args.rate, args.churn, tuple(args.idle_steps))
-    return BenchConfig(
-        backends=args.backends,
-        workloads=workloads,
-        repetitions=args.repetitions,
-        duration=args.duration,
-        warmup=args.warmup,
-        workers=args.workers,
-        pin=args.pin,
-        gen_threads=args.gen_threads,
-    )
+    return _config(BenchConfig, args, workloads=workloads)
 
 
 def _progress(console: Console, total: int) -> tuple[Progress, Callable[[str], None]]:
@@ -151,7 +130,7 @@ def _progress(console: Console, total: int) -> tuple[Progress, Callable[[str], N
     return progress, step
 
 
-def summary_table(bench: dict[str, Any]) -> Table:
+def summary_table(bench: Bench) -> Table:
     header, rows = report.comparison_rows(bench)
     table = Table(title="connlab bench: median (min-max)")
     for h in header:
@@ -171,27 +150,44 @@ def targets_table(evaluated: list[dict[str, Any]]) -> Table:
     return table
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    console = Console(soft_wrap=True)
-    cfg = _config(args)
-    total = cfg.repetitions * (1 + len(cfg.backends) * len(cfg.workloads))
-    progress, step = _progress(console, total)
+def _bench(console: Console, cfg: BenchConfig) -> tuple[Bench, list[dict[str, Any]]]:
+    """Runs the benchmark under a progress bar, prints its tables; returns it and its targets."""
+    progress, step = _progress(console, cfg.repetitions * (1 + len(cfg.backends) * len(cfg.workloads)))
     with progress:
         bench = run_bench(cfg, step)
-    evaluated = targets.evaluate(targets.default_targets(cfg.workers), bench)
+    evaluated = targets.evaluate(targets.default_targets(cfg.workers), bench.summary, bench.pingpong)
     console.print(summary_table(bench))
     console.print(targets_table(evaluated))
+    return bench, evaluated
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run each backend as its own `connlab serve` process and load it with the Rust generator: 64 B closed
+    loop at several connection counts, 16 KiB frames at 10 connections, an open loop at a fixed rate
+    (latency from intended send times), churn, the one-connection round trip against a raw loopback
+    ping-pong, and idle memory per connection. Backends are interleaved within each repetition; figures
+    are medians with min-max. Prints the table and the targets as ratios to tokio measured in the same
+    run."""
+    console = Console(soft_wrap=True)
+    bench, evaluated = _bench(console, _bench_config(args))
     if args.json:
-        args.json.write_text(json.dumps({**bench, "targets": evaluated}, indent=2, default=str) + "\n")
+        args.json.write_text(
+            json.dumps({**bench.to_json(), "targets": evaluated}, indent=2, default=str) + "\n"
+        )
         console.print(f"wrote {args.json}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Run the lifecycle matrix over the in-process backends, then the benchmark (as `connlab bench`), and
+    write a report directory: report.md and report.html with the matrix grid, the comparison tables, the
+    targets and PNG plots (throughput and p99 vs connections, RSS per connection, threads vs
+    connections, churn rate; they need matplotlib: pip install 'connlab[report]'), plus results.json
+    with every raw figure and the machine (written after the matrix already). Exits 1 if a matrix
+    scenario failed."""
     console = Console(soft_wrap=True)
-    cfg = _config(args)
+    cfg = _bench_config(args)
     results: dict[str, Any] = {"machine": machine()}
-    names = cfg.backends
     started = time.monotonic()
     if not args.skip_matrix:
         try:
@@ -199,45 +195,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"connlab compare: --scenarios: {err}", file=sys.stderr)
             return 2
-        progress, step = _progress(console, len(scenarios) * len(names))
+        progress, step = _progress(console, len(scenarios) * len(cfg.backends))
         found = []
         with progress:
             for sc in scenarios:
-                for name in names:
+                for name in cfg.backends:
                     step(f"matrix: {sc.id} on {name}")
                     found.append(matrix.run_one(sc, matrix.Target.in_process(name), matrix.Options()))
         results["matrix"] = [r.to_json() for r in found]
-        results["matrix_targets"] = names
+        results["matrix_targets"] = cfg.backends
         results["matrix_wall_s"] = time.monotonic() - started
-        console.print(matrix_report.grid(found, names))
-    total = cfg.repetitions * (1 + len(cfg.backends) * len(cfg.workloads))
-    progress, step = _progress(console, total)
-    with progress:
-        bench = run_bench(cfg, step)
-    results["bench"] = bench
-    results["targets"] = targets.evaluate(targets.default_targets(cfg.workers), bench)
-    results["wall_s"] = time.monotonic() - started
-    paths = report.write(args.out, results)
-    console.print(summary_table(bench))
-    console.print(targets_table(results["targets"]))
-    console.print(f"report: {paths['md']} and {paths['html']} (plots and results.json beside them)")
+        console.print(matrix_report.grid(found, cfg.backends))
+        report.write_json(args.out, results)  # the matrix is kept if the benchmark does not finish
+    bench, evaluated = _bench(console, cfg)
+    results.update(bench=bench.to_json(), targets=evaluated, wall_s=time.monotonic() - started)
+    written = report.write(args.out, results, bench)
+    beside = "results.json" if written.no_plots else "plots and results.json"
+    console.print(f"report: {written.md} and {written.html} ({beside} beside them)")
+    if written.no_plots:
+        console.print(f"no plots: {written.no_plots}", markup=False, highlight=False)
     failed = [r for r in results.get("matrix", []) if r["status"] == "fail"]
     return 1 if failed else 0
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
+    """Ramp N persistent connections up at a given rate against an in-process backend; each sends a frame
+    every interval for the duration. Every few seconds print a sample: server-reported connections,
+    kernel ESTABLISHED and CLOSE_WAIT on the port, client-side connected count, phantoms (server count
+    minus sockets it owns), errors, RSS, threads, fds and server CPU. End with a verdict against the
+    criteria: phantoms within the threshold at every sample after the ramp, errors under the rate, RSS
+    and threads not trending up after the ramp (by slope), and a clean shutdown with 0 connections left
+    on either side. Exits 0 on PASS, 1 on FAIL. RSS, threads and fds are of this process, which holds
+    both the server and the clients."""
     console = Console(soft_wrap=True)
-    cfg = SoakConfig(
-        backend=args.backend,
-        connections=args.connections,
-        ramp_rate=args.ramp_rate,
-        interval=args.interval,
-        duration=args.duration,
-        sample_every=args.sample_every,
-        workers=args.workers,
-        max_phantoms=args.max_phantoms,
-        max_error_rate=args.max_error_rate,
-    )
+    cfg = _config(SoakConfig, args)
     columns = (
         "t",
         "server",
@@ -281,36 +272,23 @@ def add_parsers(sub: Any) -> None:
     bench = sub.add_parser(
         "bench",
         help="measure every backend side by side (throughput, latency, memory, threads, churn)",
-        description=(
-            "Run each backend as its own `connlab serve` process and load it with the Rust generator: "
-            "64 B closed loop at several connection counts, 16 KiB frames at 10 connections, an open "
-            "loop at a fixed rate (latency from intended send times), churn, the one-connection round "
-            "trip against a raw loopback ping-pong, and idle memory per connection. Backends are "
-            "interleaved within each repetition; figures are medians with min-max. Prints the table "
-            "and the targets as ratios to tokio measured in the same run."
-        ),
+        description=cmd_bench.__doc__,
     )
     _bench_options(bench)
-    bench.add_argument("--json", type=Path, metavar="FILE", help="write every raw figure as JSON")
+    bench.add_argument("--json", type=output_path, metavar="FILE", help="write every raw figure as JSON")
     bench.set_defaults(func=cmd_bench)
     compare = sub.add_parser(
         "compare",
         help="the lifecycle matrix and the benchmark over every backend, written as a report",
-        description=(
-            "Run the lifecycle matrix over the in-process backends, then the benchmark (as `connlab "
-            "bench`), and write a report directory: report.md and report.html with the matrix grid, "
-            "the comparison tables, the targets and PNG plots (throughput and p99 vs connections, RSS "
-            "per connection, threads vs connections, churn rate), plus results.json with every raw "
-            "figure and the machine. Exits 1 if a matrix scenario failed."
-        ),
+        description=cmd_compare.__doc__,
     )
     _bench_options(compare)
     compare.add_argument(
         "--out",
-        type=Path,
-        default=Path("reports/latest"),
+        type=output_dir,
+        default="reports/latest",  # a string, so that argparse checks it as it does a given one
         metavar="DIR",
-        help="report directory (default: reports/latest)",
+        help="report directory, created if missing (default: reports/latest)",
     )
     compare.add_argument("--skip-matrix", action="store_true", help="only the benchmark")
     compare.add_argument(
@@ -324,17 +302,7 @@ def add_parsers(sub: Any) -> None:
     soak = sub.add_parser(
         "soak",
         help="many persistent connections for a long run, sampled, ending in a verdict",
-        description=(
-            "Ramp N persistent connections up at a given rate against an in-process backend; each sends "
-            "a frame every interval for the duration. Every few seconds print a sample: server-reported "
-            "connections, kernel ESTABLISHED and CLOSE_WAIT on the port, client-side connected count, "
-            "phantoms (server count minus sockets it owns), errors, RSS, threads, fds and server CPU. "
-            "End with a verdict against the criteria: phantoms within the threshold at every sample "
-            "after the ramp, errors under the rate, RSS and threads not trending up after the ramp "
-            "(by slope), and a clean shutdown with 0 connections left on either side. "
-            "Exits 0 on PASS, 1 on FAIL. RSS, threads and fds are of this process, which holds both "
-            "the server and the clients."
-        ),
+        description=cmd_soak.__doc__,
     )
     soak.add_argument("--backend", required=True, choices=BACKENDS, help="the backend to soak")
     soak.add_argument(
@@ -381,5 +349,7 @@ def add_parsers(sub: Any) -> None:
         metavar="FRACTION",
         help="errors allowed as a fraction of frames (default: 0.01)",
     )
-    soak.add_argument("--json", type=Path, metavar="FILE", help="write the samples and the verdict as JSON")
+    soak.add_argument(
+        "--json", type=output_path, metavar="FILE", help="write the samples and the verdict as JSON"
+    )
     soak.set_defaults(func=cmd_soak)

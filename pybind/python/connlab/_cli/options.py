@@ -1,9 +1,15 @@
-"""argparse types shared by the command lines: numbers with a lower bound, and a clear message."""
+"""argparse types and option groups shared by the commands, so each is checked one way, with one
+message, and before any work starts (argparse exits 2 on an `ArgumentTypeError`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from connlab.matrix.core import parse_backends
 
 
 def number(kind: type[int] | type[float], *, positive: bool) -> Callable[[str], int | float]:
@@ -27,3 +33,133 @@ positive_int = number(int, positive=True)
 positive_float = number(float, positive=True)
 non_negative_int = number(int, positive=False)
 non_negative_float = number(float, positive=False)
+
+
+def int_list(text: str) -> list[int]:
+    """`0,100,1000`: one or more non-negative integers."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def idle_steps(text: str) -> list[int]:
+    """`0,1000,5000`: ascending connection counts, at least two, for the slope of RSS over them."""
+    steps = int_list(text)
+    if len(steps) < 2 or steps != sorted(set(steps)):
+        raise argparse.ArgumentTypeError(
+            f"expected two or more ascending counts such as 0,1000, got {text!r}"
+        )
+    return steps
+
+
+def churn_spec(text: str) -> tuple[int, int]:
+    """`CYCLESxPARALLEL`, such as 1000x10, both at least 1."""
+    cycles, sep, parallel = text.partition("x")
+    if not sep or not cycles.isdigit() or not parallel.isdigit() or int(cycles) < 1 or int(parallel) < 1:
+        raise argparse.ArgumentTypeError(f"expected CYCLESxPARALLEL such as 1000x10, got {text!r}")
+    return int(cycles), int(parallel)
+
+
+def backend_list(text: str) -> list[str]:
+    """`all`, or backend names separated by commas (`connlab.matrix.core.parse_backends`)."""
+    try:
+        return parse_backends(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _writable_dir(path: Path) -> str | None:
+    """Why files cannot be created in directory `path`, or None if they can."""
+    if not path.exists():
+        return f"directory {path} does not exist"
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"directory {path} is not writable"
+    return None
+
+
+def output_path(text: str) -> Path:
+    """A file to write at the end of a run, checked now: a run of minutes must not be lost to a
+    typo found when its results are written."""
+    path = Path(text)
+    why = _writable_dir(path.parent)
+    if why is None and path.is_dir():
+        why = "it is a directory"
+    elif why is None and path.exists() and not os.access(path, os.W_OK):
+        why = "the file is not writable"
+    if why:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {why}")
+    return path
+
+
+def output_dir(text: str) -> Path:
+    """A directory to write into, created when the results come: checked now, it exists and is
+    writable, or its nearest existing ancestor is a writable directory."""
+    path = Path(text)
+    ancestor = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    why = _writable_dir(ancestor)
+    if why:
+        raise argparse.ArgumentTypeError(f"cannot write into {text}: {why}")
+    return path
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """The server's configuration, one option per `connlab.Server` argument."""
+    g = parser.add_argument_group("server configuration (as connlab.Server)")
+    g.add_argument("--host", default="127.0.0.1", help="IP address to listen on (default: %(default)s)")
+    g.add_argument("--port", type=non_negative_int, default=0, help="port; 0 picks a free one (default: 0)")
+    g.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        help="worker threads for pooled backends (default: number of cores)",
+    )
+    counts = (
+        ("max-connections", 10_000, "connections over this are accepted and closed at once"),
+        ("max-frame", 1 << 20, "largest frame body in bytes; a larger header is a protocol error"),
+        ("max-pending-output", 4 << 20, "queued answer bytes above which reading pauses"),
+        ("backlog", 1024, "listen backlog"),
+        ("journal-capacity", 0, "transition journal entries kept; 0 turns it off"),
+    )
+    for name, default, what in counts:
+        g.add_argument(
+            f"--{name}", type=non_negative_int, default=default, help=f"{what} (default: {default})"
+        )
+    for name, seconds, what in (
+        ("idle", 60.0, "no frame in progress and nothing queued"),
+        ("read", 10.0, "from a frame's first byte to its last"),
+        ("write", 10.0, "no byte of a queued answer accepted by the socket"),
+    ):
+        g.add_argument(
+            f"--{name}-timeout",
+            type=non_negative_float,
+            default=seconds,
+            metavar="SECONDS",
+            help=f"close after this long with {what}; 0 disables (default: {seconds})",
+        )
+
+
+#: `connlab.Server` keyword arguments that `add_server_options` adds, by their argparse dest.
+SERVER_KWARGS = (
+    "host",
+    "port",
+    "workers",
+    "max_connections",
+    "max_frame",
+    "max_pending_output",
+    "idle_timeout",
+    "read_timeout",
+    "write_timeout",
+    "backlog",
+    "journal_capacity",
+)
+
+
+def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `connlab.Server` keyword arguments of a command line parsed with `add_server_options`."""
+    return {key: getattr(args, key) for key in SERVER_KWARGS}

@@ -5,39 +5,54 @@ shared machine hits all alike; each figure is reported as the median with min-ma
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import psutil
 
 from connlab import load, probe
-from connlab._measure.footprint import measure_idle, slope
+from connlab._measure.footprint import measure_idle, serve_child, slope
 from connlab.probe import raise_nofile
+from connlab.process import ServeProcess
+
+Kind = Literal["idle", "closed", "open", "churn", "rtt"]
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One measurement: `kind` is closed, open, churn, rtt or idle."""
+    """One measurement, by its parameters; `name` is only its label (and JSON key), never parsed.
 
-    name: str
-    kind: str
+    `idle`: memory per idle connection over `steps` connection counts; `closed`: closed-loop load
+    of `connections` with `size`-byte frames; `open`: `rate` frames/s over `connections`; `churn`:
+    `cycles` x `parallel` connect-echo-close; `rtt`: one connection's round trip."""
+
+    kind: Kind
     connections: int = 1
     size: int = 64
     rate: int = 0
     cycles: int = 0
     parallel: int = 0
     steps: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        size = f"{self.size >> 10}k" if self.size >= 1024 and self.size % 1024 == 0 else str(self.size)
+        return {
+            "closed": f"closed{size}-c{self.connections}",
+            "open": f"open{size}-r{self.rate}",
+            "churn": f"churn-{self.cycles}x{self.parallel}",
+        }.get(self.kind, self.kind)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
 
 
 def default_workloads(
@@ -51,13 +66,14 @@ def default_workloads(
     fixed rate, churn, and the one-connection round trip."""
     # Idle memory first, on the freshly started server: after the loads, memory the allocator keeps
     # for reuse would absorb the idle connections and hide their cost.
-    work = [Workload("idle", "idle", steps=idle_steps)]
-    work += [Workload(f"closed64-c{c}", "closed", connections=c, size=64) for c in connections]
-    work.append(Workload("closed16k-c10", "closed", connections=10, size=16 << 10))
-    work.append(Workload(f"open64-r{rate}", "open", connections=100, size=64, rate=rate))
-    work.append(Workload(f"churn-{churn[0]}x{churn[1]}", "churn", cycles=churn[0], parallel=churn[1]))
-    work.append(Workload("rtt", "rtt", connections=1, size=64))
-    return work
+    return [
+        Workload("idle", steps=idle_steps),
+        *(Workload("closed", connections=c) for c in connections),
+        Workload("closed", connections=10, size=16 << 10),
+        Workload("open", connections=100, rate=rate),
+        Workload("churn", cycles=churn[0], parallel=churn[1]),
+        Workload("rtt"),
+    ]
 
 
 @dataclass
@@ -79,9 +95,46 @@ class Run:
     """One workload on one backend in one repetition."""
 
     backend: str
-    workload: str
+    workload: Workload
     rep: int
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+#: workload -> backend -> figure -> {median, min, max} (and `errors`, `threads_by_step`).
+Summary = dict[Workload, dict[str, dict[str, Any]]]
+
+
+@dataclass
+class Bench:
+    """Every run of one `run_bench`, their summary, and the loopback baseline of the same machine."""
+
+    config: BenchConfig
+    machine: dict[str, Any]
+    pinning: str
+    #: `load.pingpong` results, one per repetition.
+    pingpong: list[load.Result]
+    runs: list[Run]
+    summary: Summary = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.summary = summarize(self.runs, self.config)
+
+    def to_json(self) -> dict[str, Any]:
+        """The raw figures as `bench --json` and results.json hold them, workloads by name."""
+        return {
+            "config": {**asdict(self.config), "workloads": [w.to_json() for w in self.config.workloads]},
+            "machine": self.machine,
+            "pinning": self.pinning,
+            "pingpong": self.pingpong,
+            "runs": [{**asdict(r), "workload": r.workload.name} for r in self.runs],
+            "summary": {w.name: cells for w, cells in self.summary.items()},
+        }
+
+
+def median(summary: Summary, workload: Workload | None, backend: str, figure: str) -> float | None:
+    """The median of one figure of one workload on one backend; None if it was not measured."""
+    value = summary.get(workload, {}).get(backend, {}).get(figure) if workload else None
+    return float(value["median"]) if isinstance(value, dict) else None
 
 
 def machine() -> dict[str, Any]:
@@ -107,98 +160,32 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-class ServerChild:
-    """A backend in its own `connlab serve` process (journal off, timeouts off)."""
-
-    def __init__(self, backend: str, workers: int, cpu: int | None) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "connlab",
-            "serve",
-            "--backend",
-            backend,
-            "--port",
-            "0",
-            "--workers",
-            str(workers),
-            "--idle-timeout",
-            "0",
-            "--read-timeout",
-            "0",
-            "--write-timeout",
-            "0",
-            "--backlog",
-            "8192",
-            "--max-connections",
-            "100000",
-        ]
-        self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        if cpu is not None:
-            os.sched_setaffinity(self.child.pid, {cpu})
-        assert self.child.stdout is not None
-        line = self.child.stdout.readline()
-        if not line:
-            raise RuntimeError(f"connlab serve --backend {backend} did not start")
-        listening = json.loads(line)
-        self.address = (listening["host"], int(listening["port"]))
-        self.pid = self.child.pid
-        self.proc = psutil.Process(self.pid)
-
-    def cpu_seconds(self) -> float:
-        t = self.proc.cpu_times()
-        return t.user + t.system
-
-    def close(self) -> None:
-        if self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
-            try:
-                self.child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.child.kill()
-                self.child.wait()
-        if self.child.stdout:
-            self.child.stdout.close()
-
-
-def measure(server: ServerChild, w: Workload, cfg: BenchConfig) -> dict[str, Any]:
+def measure(server: ServeProcess, w: Workload, cfg: BenchConfig) -> dict[str, Any]:
     """Runs one workload against a running server child; returns its figures. The server's
     threads and RSS are sampled in the middle of the measured window, while the load is on."""
-    m: dict[str, Any] = {}
     if w.kind == "idle":
         samples = measure_idle(server.address, server.pid, w.steps)
-        m["idle_samples"] = [asdict(s) for s in samples]
-        m["rss_per_conn_bytes"] = slope([s.connections for s in samples], [s.rss_bytes for s in samples])
-        m["threads_by_step"] = {s.connections: s.threads for s in samples}
-        m["server_threads"] = samples[-1].threads
-        m["server_rss_bytes"] = samples[-1].rss_bytes
-        return m
+        return {
+            "idle_samples": [asdict(s) for s in samples],
+            "rss_per_conn_bytes": slope([s.connections for s in samples], [s.rss_bytes for s in samples]),
+            "threads_by_step": {s.connections: s.threads for s in samples},
+            "server_threads": samples[-1].threads,
+            "server_rss_bytes": samples[-1].rss_bytes,
+        }
+    window = {"duration": cfg.duration, "warmup": cfg.warmup, "threads": cfg.gen_threads}
+    run: Callable[[], load.Result]
     if w.kind in {"closed", "rtt"}:
-        run = lambda: load.closed_loop(  # noqa: E731
-            server.address,
-            connections=w.connections,
-            size=w.size,
-            pipeline=1,
-            duration=cfg.duration,
-            warmup=cfg.warmup,
-            threads=cfg.gen_threads,
-        )
+        run = partial(load.closed_loop, server.address, w.connections, w.size, **window)
     elif w.kind == "open":
-        run = lambda: load.open_loop(  # noqa: E731
-            server.address,
-            rate=w.rate,
-            connections=w.connections,
-            size=w.size,
-            duration=cfg.duration,
-            warmup=cfg.warmup,
-            threads=cfg.gen_threads,
-        )
-    elif w.kind == "churn":
-        run = lambda: load.churn(server.address, cycles=w.cycles, parallel=w.parallel, size=w.size)  # noqa: E731
+        run = partial(load.open_loop, server.address, w.rate, w.connections, w.size, **window)
     else:
-        raise ValueError(f"unknown workload kind {w.kind!r}")
-    cpu0, t0 = server.cpu_seconds(), time.monotonic()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-load") as pool:
+        run = partial(load.churn, server.address, w.cycles, w.parallel, w.size)
+    proc = psutil.Process(server.pid)
+    cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+    # Not `with`: on Ctrl-C or SIGTERM the server is stopped at once, not after the load has run out
+    # (the generator cannot be cancelled: the interpreter's exit waits for its window to end).
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-load")
+    try:
         running = pool.submit(run)  # the generator releases the GIL
         mid = t0 + (cfg.warmup + cfg.duration / 2 if w.kind != "churn" else 0.05)
         threads, rss = 0, 0
@@ -207,30 +194,24 @@ def measure(server: ServerChild, w: Workload, cfg: BenchConfig) -> dict[str, Any
                 threads = max(threads, probe.thread_count(server.pid))
                 rss = max(rss, probe.rss_bytes(server.pid))
                 mid = float("inf")
-            running_wait(running, 0.01)
+            with suppress(TimeoutError):
+                running.result(timeout=0.01)
         result = running.result()
+    finally:
+        pool.shutdown(wait=False)
     elapsed = time.monotonic() - t0
-    m.update(_load_figures(result))
-    m["server_cpu_pct"] = 100 * (server.cpu_seconds() - cpu0) / elapsed
-    m["server_threads"] = threads or probe.thread_count(server.pid)
-    m["server_rss_bytes"] = rss or probe.rss_bytes(server.pid)
-    return m
-
-
-def running_wait(future: Future[Any], seconds: float) -> None:
-    """Waits up to `seconds` for `future` (a short poll between samples)."""
-    with suppress(TimeoutError):
-        future.result(timeout=seconds)
-
-
-def _load_figures(r: dict[str, Any]) -> dict[str, Any]:
     keys = ("frames", "bytes", "elapsed_s", "frames_per_s", "mb_per_s", "conns_per_s", "errors", "latency_us")
-    return {k: r[k] for k in keys if k in r}
+    return {
+        **{k: result[k] for k in keys if k in result},
+        "server_cpu_pct": 100 * (sum(proc.cpu_times()[:2]) - cpu0) / elapsed,
+        "server_threads": threads or probe.thread_count(server.pid),
+        "server_rss_bytes": rss or probe.rss_bytes(server.pid),
+    }
 
 
-def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Every workload on every backend, `repetitions` times, interleaved; returns the raw runs,
-    their summary, the loopback baseline and the machine."""
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> Bench:
+    """Every workload on every backend, `repetitions` times, interleaved, each backend in a fresh
+    server child per repetition (stopped on the way out, also on an interrupt)."""
     if cfg.repetitions < 1:
         raise ValueError("repetitions: must be at least 1")
     most = max([w.connections for w in cfg.workloads] + [max(w.steps, default=0) for w in cfg.workloads])
@@ -239,42 +220,21 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None
     if gen_cpu is not None:
         os.sched_setaffinity(0, {gen_cpu})
     runs: list[Run] = []
-    pingpong: list[dict[str, Any]] = []
+    pingpong: list[load.Result] = []
     try:
         for rep in range(cfg.repetitions):
             progress(f"rep {rep + 1}/{cfg.repetitions}: raw loopback ping-pong")
             pingpong.append(load.pingpong(size=64, duration=min(cfg.duration, 1.0)))
             for backend in cfg.backends:
-                server = ServerChild(backend, cfg.workers, server_cpu)
-                try:
+                with serve_child(backend, cfg.workers, server_cpu) as server:
                     for w in cfg.workloads:
                         progress(f"rep {rep + 1}/{cfg.repetitions}: {backend} {w.name}")
-                        runs.append(Run(backend, w.name, rep, measure(server, w, cfg)))
-                finally:
-                    server.close()
+                        runs.append(Run(backend, w, rep, measure(server, w, cfg)))
     finally:
         if gen_cpu is not None:
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    return {
-        "config": {**asdict(cfg), "workloads": [asdict(w) for w in cfg.workloads]},
-        "machine": machine(),
-        "pinning": f"server on CPU {server_cpu}, generator on CPU {gen_cpu}"
-        if gen_cpu is not None
-        else "none",
-        "pingpong": pingpong,
-        "runs": [asdict(r) for r in runs],
-        "summary": summarize(runs, cfg),
-    }
-
-
-# The figure each workload kind is judged by, and whether higher is better.
-PRIMARY = {
-    "closed": ("frames_per_s", True),
-    "open": ("p99_us", False),
-    "churn": ("conns_per_s", True),
-    "rtt": ("p50_us", False),
-    "idle": ("rss_per_conn_bytes", False),
-}
+    pinning = f"server on CPU {server_cpu}, generator on CPU {gen_cpu}" if gen_cpu is not None else "none"
+    return Bench(cfg, machine(), pinning, pingpong, runs)
 
 
 def figure(metrics: dict[str, Any], name: str) -> float | None:
@@ -287,7 +247,7 @@ def figure(metrics: dict[str, Any], name: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def summarize(runs: list[Run], cfg: BenchConfig) -> dict[str, dict[str, dict[str, Any]]]:
+def summarize(runs: list[Run], cfg: BenchConfig) -> Summary:
     """workload → backend → {figure: {median, min, max}} for the figures that matter."""
     names = [
         "frames_per_s",
@@ -303,10 +263,10 @@ def summarize(runs: list[Run], cfg: BenchConfig) -> dict[str, dict[str, dict[str
         "server_rss_bytes",
         "server_cpu_pct",
     ]
-    out: dict[str, dict[str, dict[str, Any]]] = {}
+    out: Summary = {}
     for w in cfg.workloads:
         for b in cfg.backends:
-            mine = [r.metrics for r in runs if r.workload == w.name and r.backend == b]
+            mine = [r.metrics for r in runs if r.workload == w and r.backend == b]
             cell: dict[str, Any] = {}
             for name in names:
                 values = [v for m in mine if (v := figure(m, name)) is not None]
@@ -319,5 +279,5 @@ def summarize(runs: list[Run], cfg: BenchConfig) -> dict[str, dict[str, dict[str
             cell["errors"] = errors
             if w.kind == "idle":
                 cell["threads_by_step"] = mine[-1].get("threads_by_step") if mine else {}
-            out.setdefault(w.name, {})[b] = cell
+            out.setdefault(w, {})[b] = cell
     return out

@@ -1,17 +1,16 @@
-"""What idle connections cost a backend: RSS, threads and fds of a `connlab serve` child as they grow."""
+"""A backend in a `connlab serve` child to measure, and what idle connections cost it: the
+child's RSS, threads and fds as they grow."""
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from connlab import probe
 from connlab.client import connect, encode, read_frame, wait_until
 from connlab.probe import raise_nofile
+from connlab.process import ServeProcess, connlab_serve_argv
 
 
 @dataclass(frozen=True)
@@ -47,6 +46,24 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
 
 
+def serve_child(backend: str, workers: int | None, cpu: int | None = None) -> ServeProcess:
+    """A backend in its own `connlab serve` process, so its threads, RSS and CPU are its own:
+    timeouts off (a measurement pauses connections), room for every connection, pinned to `cpu`."""
+    kwargs = {"idle_timeout": 0, "read_timeout": 0, "write_timeout": 0, "backlog": 8192}
+    if workers is not None:  # else its default, the number of cores
+        kwargs["workers"] = workers
+    server = ServeProcess(connlab_serve_argv(backend, max_connections=100_000, **kwargs), start_timeout=30.0)
+    if cpu is not None:
+        try:
+            # Every thread it has by now; the threads they start later inherit the mask.
+            for tid in os.listdir(f"/proc/{server.pid}/task"):
+                os.sched_setaffinity(int(tid), {cpu})
+        except BaseException:
+            server.close()
+            raise
+    return server
+
+
 def idle_footprint(
     backend: str, steps: Sequence[int] = (0, 1000, 5000), workers: int | None = None
 ) -> Footprint:
@@ -60,25 +77,8 @@ def idle_footprint(
     if list(steps) != sorted(steps) or not steps:
         raise ValueError(f"steps must be non-empty and ascending, got {list(steps)}")
     raise_nofile(2 * steps[-1] + 256)  # the child inherits the raised limit
-    cmd = [sys.executable, "-m", "connlab", "serve", "--backend", backend, "--port", "0", "--backlog", "4096"]
-    cmd += ["--idle-timeout", "0", "--read-timeout", "0", "--write-timeout", "0"]
-    if workers is not None:
-        cmd += ["--workers", str(workers)]
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None
-        listening = json.loads(child.stdout.readline())
-        samples = measure_idle((listening["host"], listening["port"]), child.pid, steps)
-        return Footprint(backend=backend, samples=tuple(samples))
-    finally:
-        child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        if child.stdout:
-            child.stdout.close()
+    with serve_child(backend, workers) as child:
+        return Footprint(backend=backend, samples=tuple(measure_idle(child.address, child.pid, steps)))
 
 
 def measure_idle(address: tuple[str, int], pid: int, steps: Sequence[int]) -> list[Sample]:

@@ -4,46 +4,46 @@ from __future__ import annotations
 
 import html
 import json
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from connlab._measure.bench import Bench, median
 from connlab.matrix.core import SCENARIOS, order_key
+from connlab.matrix.report import LABEL
 
-LABEL = {"pass": "pass", "fail": "FAIL", "skip": "skip"}
-
-
-def _closed_counts(bench: dict[str, Any]) -> list[tuple[int, str]]:
-    """(connections, workload name) of the 64 B closed-loop workloads, ascending."""
-    found = []
-    for name in bench["summary"]:
-        if m := re.fullmatch(r"closed64-c(\d+)", name):
-            found.append((int(m.group(1)), name))
-    return sorted(found)
+#: Said (and written in report.md) when the plots cannot be drawn.
+PLOTS_NEED = "the plots need matplotlib: pip install 'connlab[report]'"
 
 
-def _median(bench: dict[str, Any], workload: str, backend: str, figure: str) -> float | None:
-    value = bench["summary"].get(workload, {}).get(backend, {}).get(figure)
-    return float(value["median"]) if isinstance(value, dict) else None
-
-
-def plots(bench: dict[str, Any], out: Path) -> dict[str, str]:
-    """Writes the PNG plots; returns {title: file name}."""
-    # Imported here: matplotlib starts a thread and takes a while to load, which `connlab serve`
-    # (whose threads the probes count) must not pay for.
+def plots(bench: Bench, out: Path) -> dict[str, str]:
+    """Writes the PNG plots; returns {title: file name}. ImportError without matplotlib."""
+    # Imported here, as an optional extra: it takes a while to load and starts a thread, which
+    # neither `connlab serve` (whose threads the probes count) nor the pytest plugin may pay for.
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    backends = bench["config"]["backends"]
-    counts = _closed_counts(bench)
+    backends = bench.config.backends
+    workloads = bench.config.workloads
+    closed = sorted(
+        (w for w in workloads if w.kind == "closed" and w.size == 64), key=lambda w: w.connections
+    )
     made: dict[str, str] = {}
+
+    def save(fig: Any, fname: str, title: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        made[title] = fname
 
     def line_plot(fname: str, title: str, figure: str, ylabel: str, log: bool) -> None:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for b in backends:
-            pts = [(c, v) for c, w in counts if (v := _median(bench, w, b, figure)) is not None]
+            pts = [
+                (w.connections, v) for w in closed if (v := median(bench.summary, w, b, figure)) is not None
+            ]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
         ax.set_xscale("log")
@@ -54,17 +54,11 @@ def plots(bench: dict[str, Any], out: Path) -> dict[str, str]:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        made[title] = fname
+        save(fig, fname, title)
 
-    def bar_plot(
-        fname: str, title: str, workload: str | None, figure: str, *, ylabel: str, scale: float = 1
-    ) -> None:
-        if workload is None:
-            return
-        values = [(b, v * scale) for b in backends if (v := _median(bench, workload, b, figure)) is not None]
+    def bar_plot(fname: str, title: str, kind: str, figure: str, *, ylabel: str, scale: float = 1) -> None:
+        w = next((w for w in workloads if w.kind == kind), None)
+        values = [(b, v * scale) for b in backends if (v := median(bench.summary, w, b, figure)) is not None]
         if not values:
             return
         fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -72,12 +66,9 @@ def plots(bench: dict[str, Any], out: Path) -> dict[str, str]:
         for i, (_, v) in enumerate(values):
             ax.annotate(f"{v:,.1f}", (i, v), ha="center", va="bottom", fontsize=8)
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        ax.set_title(title.format(w=w))
         ax.grid(True, axis="y", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        made[title] = fname
+        save(fig, fname, title.format(w=w))
 
     line_plot("throughput.png", "Throughput vs connections", "frames_per_s", "frames/s (median)", False)
     line_plot("p99.png", "p99 latency vs connections", "p99_us", "p99 latency, us (log)", True)
@@ -91,13 +82,12 @@ def plots(bench: dict[str, Any], out: Path) -> dict[str, str]:
     bar_plot(
         "rss_per_conn.png",
         "Idle RSS per connection",
-        "idle" if "idle" in bench["summary"] else None,
+        "idle",
         "rss_per_conn_bytes",
         ylabel="KiB per idle connection",
         scale=1 / 1024,
     )
-    churn = next((w for w in bench["summary"] if w.startswith("churn-")), None)
-    bar_plot("churn.png", f"Churn rate ({churn})", churn, "conns_per_s", ylabel="connections/s (median)")
+    bar_plot("churn.png", "Churn rate ({w.name})", "churn", "conns_per_s", ylabel="connections/s (median)")
     return made
 
 
@@ -108,13 +98,12 @@ def _fmt(cell: dict[str, Any] | None, scale: float = 1, digits: int = 0) -> str:
     return f"{med:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
 
 
-def comparison_rows(bench: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def comparison_rows(bench: Bench) -> tuple[list[str], list[list[str]]]:
     """The main comparison table: one row per workload, one column per backend (median (min-max))."""
-    backends = bench["config"]["backends"]
+    backends = bench.config.backends
     header = ["workload", "figure", *backends]
     rows = []
-    for w in bench["config"]["workloads"]:
-        name, kind = w["name"], w["kind"]
+    for w in bench.config.workloads:
         specs = {
             "closed": [
                 ("frames/s", "frames_per_s", 1, 0),
@@ -125,12 +114,12 @@ def comparison_rows(bench: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             "churn": [("conns/s", "conns_per_s", 1, 0)],
             "rtt": [("p50 us", "p50_us", 1, 1)],
             "idle": [("KiB/conn", "rss_per_conn_bytes", 1 / 1024, 2)],
-        }[kind]
-        if name.startswith("closed16k"):
+        }[w.kind]
+        if w.kind == "closed" and w.size >= 1024:  # large frames: bytes, not frames, are the point
             specs = [("MB/s", "mb_per_s", 1, 0), *specs[1:]]
         for label, figure, scale, digits in specs:
-            cells = [_fmt(bench["summary"][name][b].get(figure), scale, digits) for b in backends]
-            rows.append([name, label, *cells])
+            cells = [_fmt(bench.summary[w][b].get(figure), scale, digits) for b in backends]
+            rows.append([w.name, label, *cells])
     return header, rows
 
 
@@ -157,18 +146,39 @@ def target_rows(evaluated: list[dict[str, Any]]) -> list[list[str]]:
     return [[t["label"], status[t["met"]], t["detail"]] for t in evaluated]
 
 
-def write(out: Path, results: dict[str, Any]) -> dict[str, Path]:
-    """Writes results.json, the plots, report.md and report.html into `out`."""
+def write_json(out: Path, results: dict[str, Any]) -> Path:
+    """Writes results.json into `out` (created): called as each stage ends, so a run stopped or
+    failing later keeps the figures it has."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    bench = results.get("bench")
-    made = plots(bench, out) if bench else {}
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class Written:
+    """The files of a report, and why it has no plots (None if it has them)."""
+
+    md: Path
+    html: Path
+    json: Path
+    no_plots: str | None
+
+
+def write(out: Path, results: dict[str, Any], bench: Bench | None) -> Written:
+    """Writes results.json, the plots, report.md and report.html into `out`; without matplotlib,
+    the report without its plots and a line saying what they need."""
+    json_path = write_json(out, results)
+    try:
+        made, no_plots = (plots(bench, out) if bench else {}), None
+    except ImportError:
+        made, no_plots = {}, PLOTS_NEED
     sections: list[tuple[str, str, list[str] | None, list[list[str]] | None]] = []
     m = results["machine"]
     intro = (
         f"Machine: {m.get('cpu_model')}, {m.get('cpus')} CPUs, {m.get('platform')}. "
-        f"Pinning: {bench.get('pinning', 'none') if bench else 'n/a'}. "
-        f"Figures are medians of {bench['config']['repetitions'] if bench else 0} interleaved "
+        f"Pinning: {bench.pinning if bench else 'n/a'}. "
+        f"Figures are medians of {bench.config.repetitions if bench else 0} interleaved "
         "repetitions, with min-max in parentheses; each backend ran as its own `connlab serve` process."
     )
     sections.append(("connlab: TCP server architectures side by side", intro, None, None))
@@ -200,19 +210,21 @@ def write(out: Path, results: dict[str, Any]) -> dict[str, Path]:
         md.append("## Targets missed\n")
         md += [f"- MISSED: {t['label']}: {t['detail']}" for t in missed]
         md.append("")
-    if made:
+    if made or no_plots:
         md.append("## Plots\n")
-        md += [f"![{title}]({fname})\n" for title, fname in made.items()]
+        md += [f"![{title}]({fname})\n" for title, fname in made.items()] or [f"No plots: {no_plots}.\n"]
     md[0] = "# " + md[0][3:]
-    (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text(_html(sections, made, missed))
-    return {"json": out / "results.json", "md": out / "report.md", "html": out / "report.html"}
+    written = Written(out / "report.md", out / "report.html", json_path, no_plots)
+    written.md.write_text("\n".join(md))
+    written.html.write_text(_html(sections, made, missed, no_plots))
+    return written
 
 
 def _html(
     sections: list[tuple[str, str, list[str] | None, list[list[str]] | None]],
     made: dict[str, str],
     missed: list[dict[str, Any]],
+    no_plots: str | None,
 ) -> str:
     e = html.escape
     parts = [
@@ -235,6 +247,8 @@ def _html(
         parts.append("<h2>Targets missed</h2><ul>")
         parts += [f"<li class='MISSED'>MISSED: {e(t['label'])}: {e(t['detail'])}</li>" for t in missed]
         parts.append("</ul>")
+    if no_plots:
+        parts.append(f"<h2>Plots</h2><p>No plots: {e(no_plots)}.</p>")
     for title, fname in made.items():
         parts.append(f"<h3>{e(title)}</h3><img src='{e(fname)}' alt='{e(title)}'>")
     parts.append("</body></html>")

@@ -210,6 +210,9 @@ def run_soak(cfg: SoakConfig, emit: Callable[[Sample], None] = lambda _: None) -
             cpu_prev, t_prev = cpu, now
             samples.append(sample)
             emit(sample)
+    except BaseException:  # Ctrl-C or SIGTERM included: the server goes with the run
+        server.stop(0)
+        raise
     finally:
         clients.stop.set()
         worker.join()

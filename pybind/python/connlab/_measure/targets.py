@@ -2,8 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from connlab import load
+from connlab._measure.bench import Summary, Workload, median
+
+
+@dataclass(frozen=True)
+class Match:
+    """The workload a target reads: the first of the run of `kind` with the given fields (None:
+    any value), so a target holds whatever churn cycles or idle steps the run used."""
+
+    kind: str
+    connections: int | None = None
+    size: int | None = None
+
+    def find(self, workloads: Iterable[Workload]) -> Workload | None:
+        return next(
+            (
+                w
+                for w in workloads
+                if w.kind == self.kind
+                and self.connections in (None, w.connections)
+                and self.size in (None, w.size)
+            ),
+            None,
+        )
 
 
 @dataclass(frozen=True)
@@ -12,7 +38,7 @@ class Ratio:
     at least (`at_least`) or at most (not `at_least`) `bound`."""
 
     label: str
-    workload: str
+    workload: Match
     figure: str
     backend: str
     versus: str
@@ -25,7 +51,7 @@ class Limit:
     """`backend`'s absolute figure must be at most `bound`."""
 
     label: str
-    workload: str
+    workload: Match
     figure: str
     backend: str
     bound: float
@@ -34,63 +60,34 @@ class Limit:
 
 def default_targets(workers: int) -> list[Ratio | Limit]:
     r = Ratio
+    c10, c100, c1000 = (Match("closed", connections=c, size=64) for c in (10, 100, 1000))
+    idle = Match("idle")
     targets: list[Ratio | Limit] = [
+        *(
+            r(f"epoll >= 1.0x tokio frames/s at {n} connections", m, "frames_per_s", "epoll", "tokio", 1.0)
+            for n, m in ((10, c10), (100, c100), (1000, c1000))
+        ),
         r(
-            "epoll >= 1.0x tokio frames/s at 10 connections",
-            "closed64-c10",
-            "frames_per_s",
+            "epoll >= 1.5x tokio at 16 KiB frames",
+            Match("closed", 10, 16 << 10),
+            "mb_per_s",
             "epoll",
             "tokio",
-            1.0,
+            1.5,
         ),
-        r(
-            "epoll >= 1.0x tokio frames/s at 100 connections",
-            "closed64-c100",
-            "frames_per_s",
-            "epoll",
-            "tokio",
-            1.0,
+        r("epoll >= 1.1x tokio churn rate", Match("churn"), "conns_per_s", "epoll", "tokio", 1.1),
+        r("epoll p99 <= 0.5x tokio's at 1000 connections", c1000, "p99_us", "epoll", "tokio", 0.5, False),
+        r("poll >= 0.8x epoll at 100 connections", c100, "frames_per_s", "poll", "epoll", 0.8),
+        r("pool >= 0.7x epoll at 100 connections", c100, "frames_per_s", "pool", "epoll", 0.7),
+        r("pool >= 0.7x epoll at 1000 connections", c1000, "frames_per_s", "pool", "epoll", 0.7),
+        r("blocking >= 0.5x epoll at 1000 connections", c1000, "frames_per_s", "blocking", "epoll", 0.5),
+        *(
+            Limit(f"{b} idle RSS per connection <= {kib} KiB", idle, "rss_per_conn_bytes", b, kib << 10, "B")
+            for b, kib in (("epoll", 1), ("poll", 1), ("pool", 1), ("blocking", 16), ("tokio", 4))
         ),
-        r(
-            "epoll >= 1.0x tokio frames/s at 1000 connections",
-            "closed64-c1000",
-            "frames_per_s",
-            "epoll",
-            "tokio",
-            1.0,
-        ),
-        r("epoll >= 1.5x tokio at 16 KiB frames", "closed16k-c10", "mb_per_s", "epoll", "tokio", 1.5),
-        r("epoll >= 1.1x tokio churn rate", "churn", "conns_per_s", "epoll", "tokio", 1.1),
-        r(
-            "epoll p99 <= 0.5x tokio's at 1000 connections",
-            "closed64-c1000",
-            "p99_us",
-            "epoll",
-            "tokio",
-            0.5,
-            False,
-        ),
-        r("poll >= 0.8x epoll at 100 connections", "closed64-c100", "frames_per_s", "poll", "epoll", 0.8),
-        r("pool >= 0.7x epoll at 100 connections", "closed64-c100", "frames_per_s", "pool", "epoll", 0.7),
-        r("pool >= 0.7x epoll at 1000 connections", "closed64-c1000", "frames_per_s", "pool", "epoll", 0.7),
-        r(
-            "blocking >= 0.5x epoll at 1000 connections",
-            "closed64-c1000",
-            "frames_per_s",
-            "blocking",
-            "epoll",
-            0.5,
-        ),
-        Limit("epoll idle RSS per connection <= 1 KiB", "idle", "rss_per_conn_bytes", "epoll", 1024, "B"),
-        Limit("poll idle RSS per connection <= 1 KiB", "idle", "rss_per_conn_bytes", "poll", 1024, "B"),
-        Limit("pool idle RSS per connection <= 1 KiB", "idle", "rss_per_conn_bytes", "pool", 1024, "B"),
-        Limit(
-            "blocking idle RSS per connection <= 16 KiB", "idle", "rss_per_conn_bytes", "blocking", 16384, "B"
-        ),
-        Limit("tokio idle RSS per connection <= 4 KiB", "idle", "rss_per_conn_bytes", "tokio", 4096, "B"),
         Limit(
             f"pool threads at 1000 connections <= workers + 1 = {workers + 1} (+1 serve main thread)",
-            "closed64-c1000",
+            c1000,
             "server_threads",
             "pool",
             workers + 2,
@@ -100,7 +97,7 @@ def default_targets(workers: int) -> list[Ratio | Limit]:
     targets += [
         r(
             f"{b} one-connection p50 <= 1.2x raw loopback ping-pong",
-            "rtt",
+            Match("rtt"),
             "p50_us",
             b,
             "pingpong",
@@ -112,14 +109,17 @@ def default_targets(workers: int) -> list[Ratio | Limit]:
     return targets
 
 
-def evaluate(targets: list[Ratio | Limit], bench: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target with its measured value or ratio, and whether it was met (None: not measured)."""
-    summary = bench["summary"]
-    pingpong = [p["latency_us"]["p50"] for p in bench.get("pingpong", []) if "latency_us" in p]
+def evaluate(
+    targets: list[Ratio | Limit], summary: Summary, pingpong: Sequence[load.Result | dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each target with its measured value or ratio, and whether it was met (None: not measured).
+    `pingpong` holds the raw loopback runs of the same bench; ratios to it use their median p50."""
+    p50s = sorted(p["latency_us"]["p50"] for p in pingpong if "latency_us" in p)
     out = []
     for t in targets:
         row: dict[str, Any] = {"label": t.label, "met": None, "value": None, "detail": "not measured"}
-        mine = _median(summary, t.workload, t.backend, t.figure)
+        workload = t.workload.find(summary)
+        mine = median(summary, workload, t.backend, t.figure)
         if isinstance(t, Limit):
             if mine is not None:
                 row.update(
@@ -127,9 +127,9 @@ def evaluate(targets: list[Ratio | Limit], bench: dict[str, Any]) -> list[dict[s
                 )
         else:
             if t.versus == "pingpong":
-                theirs = sorted(pingpong)[len(pingpong) // 2] if pingpong else None
+                theirs = p50s[len(p50s) // 2] if p50s else None
             else:
-                theirs = _median(summary, t.workload, t.versus, t.figure)
+                theirs = median(summary, workload, t.versus, t.figure)
             if mine is not None and theirs:
                 ratio = mine / theirs
                 met = ratio >= t.bound if t.at_least else ratio <= t.bound
@@ -138,11 +138,3 @@ def evaluate(targets: list[Ratio | Limit], bench: dict[str, Any]) -> list[dict[s
                 )
         out.append(row)
     return out
-
-
-def _median(summary: dict[str, Any], workload: str, backend: str, figure: str) -> float | None:
-    if workload == "churn":  # whatever cycles x parallel the run used
-        workload = next((w for w in summary if w.startswith("churn-")), workload)
-    cell = summary.get(workload, {}).get(backend, {})
-    value = cell.get(figure)
-    return float(value["median"]) if isinstance(value, dict) else None

@@ -67,6 +67,33 @@ def stats_delta(
     return int(after[key][sub]) - int(before[key][sub])
 
 
+def truncated_once(
+    ctx: Context, handle: Handle, peer: tuple[Any, ...], before: dict[str, Any] | None, reason: str
+) -> dict[str, Any] | None:
+    """After a partial frame: the server settles, closes `peer` for `reason`, and counts one
+    truncated frame (where it has stats). Returns its stats then."""
+    after = settled(ctx, handle)
+    expect_reason(ctx, handle, peer, reason)
+    if before is not None and after is not None:
+        delta = stats_delta(before, after, "truncated_frames")
+        check(delta == 1, f"truncated_frames +{delta}, expected +1")
+    return after
+
+
+def expect_eof(sock: socket.socket, what: str, started: float, within: float = 2.0) -> float:
+    """Reads the server's EOF on `sock` (no byte, no RST) within `within` s of `started`;
+    returns when it came, in seconds since `started`."""
+    sock.settimeout(max(0.0, started + within - time.monotonic()))
+    try:
+        got = sock.recv(1)
+    except TimeoutError:
+        raise Failed(f"{what}: no EOF within {within:g} s") from None
+    except ConnectionResetError:
+        raise Failed(f"{what}: reset (RST) instead of EOF") from None
+    check(got == b"", f"{what}: got {got!r} instead of EOF")
+    return time.monotonic() - started
+
+
 def timeout_of(ctx: Context, handle: Handle, name: str) -> float:
     """The server's `name` timeout in seconds; n/a when it has none (claimed or configured)."""
     value = handle.kwargs.get(name)

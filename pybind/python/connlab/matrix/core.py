@@ -13,7 +13,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from connlab._native import Server
+from connlab._native import BACKENDS, Server
 from connlab.client import connect
 from connlab.process import LeakGuard, ServeProcess, Stopped, accepts, connlab_serve_argv
 
@@ -102,7 +102,7 @@ class Options:
 
     def unclaimed(self, feature: str) -> str:
         """Why a row needing `feature` is n/a, naming the option that would claim it."""
-        if feature == "framing" or self.byte_echo:
+        if feature == "framing" or (feature == "max_frame" and self.byte_echo):
             return f"the server echoes bytes without framing ({self.option_prefix}byte-echo)"
         option = f"{self.option_prefix}{feature.replace('_', '-')}"
         return f"the server claims no {feature.replace('_', ' ')} ({option} none)"
@@ -110,6 +110,48 @@ class Options:
     def option(self, feature: str) -> str:
         """The command-line option that states `feature`'s value."""
         return f"{self.option_prefix}{feature.replace('_', '-')}"
+
+
+#: The timeouts and max_frame the matrix applies to the servers it configures (in-process
+#: backends): short, so the matrix stays fast.
+CONFIGURED = {"idle_timeout": 0.5, "read_timeout": 0.5, "write_timeout": 0.5, "max_frame": 1 << 20}
+
+
+def parse_backends(text: str) -> list[str]:
+    """`all`, or backend names separated by commas (repeats dropped), each one of `BACKENDS`.
+    Raises ValueError naming the unknown ones and the available ones."""
+    if text.strip() == "all":
+        return list(BACKENDS)
+    names = list(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
+    if not names:
+        raise ValueError(f"expected all or a,b; available: {', '.join(BACKENDS)}")
+    if unknown := [n for n in names if n not in BACKENDS]:
+        raise ValueError(f"unknown backends {', '.join(unknown)}; available: {', '.join(BACKENDS)}")
+    return names
+
+
+def parse_claim(feature: str, text: str) -> float | int | None:
+    """A claim from the command line: `none` (the server has no such feature), or a number of
+    seconds (a timeout) or bytes (max_frame) > 0. Raises ValueError with a message."""
+    if text.strip().lower() == "none":
+        return None
+    kind = int if feature == "max_frame" else float
+    try:
+        value = kind(text)
+    except ValueError:
+        unit = "bytes" if kind is int else "seconds"
+        raise ValueError(f"expected a number of {unit} or none, got {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"must be > 0 (or none), got {text}")
+    return value
+
+
+def options_for(in_process: bool, claims: dict[str, Any], **rest: Any) -> Options:
+    """Options from what the user stated: `claims` maps a feature of `CONFIGURED` to its value
+    (None: the server has none); one not stated is `CONFIGURED`'s for a server the matrix
+    configures, and unclaimed (n/a) for any other, whose settings the matrix cannot know."""
+    resolved = {k: claims.get(k, v if in_process else None) for k, v in CONFIGURED.items()}
+    return Options(**resolved, **rest)
 
 
 class Handle:
@@ -569,7 +611,7 @@ def run_one(sc: Scenario, target: Target, options: Options) -> Result:
     worker = threading.Thread(
         target=lambda: outcome.append(_run_in_guard(sc, ctx)), name=f"matrix-{sc.id}", daemon=True
     )
-    budget = sc.budget * options.budget_scale
+    budget = max(1.0, sc.budget * options.budget_scale)  # never less than a second, start-up included
     worker.start()
     try:
         worker.join(budget)
@@ -581,7 +623,7 @@ def run_one(sc: Scenario, target: Target, options: Options) -> Result:
         where = _where(worker)
         ctx.abort()
         worker.join(10.0)
-        detail = f"timed out after {budget:.0f} s in {where}; the server was killed"
+        detail = f"timed out after {budget:.3g} s in {where}; the server was killed"
         if worker.is_alive():
             detail += " (the scenario's thread did not end within 10 s of it)"
         return Result(sc.id, target.name, FAIL, time.monotonic() - started, detail)

@@ -6,20 +6,19 @@ import json
 import platform
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from connlab.matrix.core import SCENARIOS, Repeated, Result, order_key
+from connlab.matrix.core import FAIL, NA, PASS, SCENARIOS, SKIP, STATUSES, WARN, Repeated, Result, order_key
 
-STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
-LABEL = {"pass": "pass", "fail": "FAIL", "skip": "skip"}
+STYLE = {PASS: "green", FAIL: "bold red", WARN: "magenta", NA: "dim", SKIP: "yellow"}
+LABEL = {PASS: "pass", FAIL: "FAIL", WARN: "warn", NA: "n/a", SKIP: "skip"}
 
 
 def grid(results: list[Result], targets: list[str]) -> Table:
-    """Scenario rows x target columns: pass / FAIL / skip with seconds; over several rounds, also
+    """Scenario rows x target columns: pass / FAIL / warn / n/a / skip with seconds; over several rounds, also
     how many rounds failed, with the mean seconds of a round."""
     rounds = max((len(r.runs) for r in results if isinstance(r, Repeated)), default=1)
     title = "connlab lifecycle matrix" + (f", {rounds} rounds" if rounds > 1 else "")
@@ -44,26 +43,32 @@ def _cell(r: Result) -> str:
     label = f"[{STYLE[r.status]}]{LABEL[r.status]}[/]"
     if not isinstance(r, Repeated) or len(r.runs) < 2:
         return f"{label} {r.seconds:.1f}s"
-    if r.status == "skip":
+    if r.status in (SKIP, NA):
         return label
-    n, skipped = len(r.runs), len(r.rounds_with("skip"))
+    n, skipped = len(r.runs), len(r.rounds_with(SKIP))
     also = f", {skipped} skipped" if skipped else ""
     return f"{label} {len(r.rounds_with('fail'))}/{n} failed{also} {r.seconds / n:.1f}s"
 
 
-def failures(results: Iterable[Result]) -> list[Result]:
-    return [r for r in results if r.status == "fail"]
-
-
 def summary(results: list[Result]) -> dict[str, int]:
-    return {s: sum(1 for r in results if r.status == s) for s in ("pass", "fail", "skip")}
+    return {s: sum(1 for r in results if r.status == s) for s in STATUSES}
+
+
+def counts_line(counts: dict[str, int]) -> str:
+    """ "30 passed, 1 failed, 0 warned, 0 n/a, 0 skipped"."""
+    words = {PASS: "passed", FAIL: "failed", WARN: "warned", NA: "n/a", SKIP: "skipped"}
+    return ", ".join(f"{counts[s]} {words[s]}" for s in STATUSES)
 
 
 def to_json(
-    results: list[Result], wall_s: float, rounds: list[tuple[list[Result], float]] | None = None
+    results: list[Result],
+    wall_s: float,
+    rounds: list[tuple[list[Result], float]] | None = None,
+    finished: bool = True,
 ) -> dict[str, Any]:
     """`results` as they are; with `rounds` (each round's results and seconds) of a --repeat run,
-    `results` holds the `Repeated` outcomes (with "failed_rounds"), "rounds" every round's."""
+    `results` holds the `Repeated` outcomes (with "failed_rounds"), "rounds" every round's. A run
+    that did not finish (interrupted, or still going) says so with "complete": false."""
     out: dict[str, Any] = {"results": [r.to_json() for r in results], "summary": summary(results)}
     if rounds is not None:
         out["repeat"] = len(rounds)
@@ -76,6 +81,8 @@ def to_json(
             }
             for i, (mine, seconds) in enumerate(rounds, 1)
         ]
+    if not finished:
+        out["complete"] = False
     return {
         **out,
         "wall_s": round(wall_s, 3),
@@ -84,10 +91,22 @@ def to_json(
     }
 
 
+def _replace(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename: a reader (or an interrupted
+    run) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_json(
-    path: Path, results: list[Result], wall_s: float, rounds: list[tuple[list[Result], float]] | None = None
+    path: Path,
+    results: list[Result],
+    wall_s: float,
+    rounds: list[tuple[list[Result], float]] | None = None,
+    finished: bool = True,
 ) -> None:
-    path.write_text(json.dumps(to_json(results, wall_s, rounds), indent=2) + "\n")
+    _replace(path, json.dumps(to_json(results, wall_s, rounds, finished), indent=2) + "\n")
 
 
 def write_junit(path: Path, results: list[Result], wall_s: float) -> None:
@@ -101,8 +120,8 @@ def write_junit(path: Path, results: list[Result], wall_s: float) -> None:
             "testsuite",
             name=target,
             tests=str(len(mine)),
-            failures=str(sum(r.status == "fail" for r in mine)),
-            skipped=str(sum(r.status == "skip" for r in mine)),
+            failures=str(sum(r.status == FAIL for r in mine)),
+            skipped=str(sum(r.status in (SKIP, NA) for r in mine)),
             time=f"{sum(r.seconds for r in mine):.3f}",
         )
         for r in mine:
@@ -115,7 +134,7 @@ def write_junit(path: Path, results: list[Result], wall_s: float) -> None:
                 time=f"{r.seconds:.3f}",
             )
             rounds = r if isinstance(r, Repeated) and len(r.runs) > 1 else None
-            failed = rounds.rounds_with("fail") if rounds is not None else []
+            failed = rounds.rounds_with(FAIL) if rounds is not None else []
             properties = [("description", sc.description)] if sc else []
             if rounds is not None:
                 properties += [("rounds", str(len(rounds.runs))), ("failed_rounds", str(len(failed)))]
@@ -123,16 +142,18 @@ def write_junit(path: Path, results: list[Result], wall_s: float) -> None:
                 props = ET.SubElement(case, "properties")
                 for name, value in properties:
                     props.append(ET.Element("property", name=name, value=value))
-            if r.status == "fail" and rounds is not None:
+            if r.status == FAIL and rounds is not None:
                 message = f"failed in {len(failed)}/{len(rounds.runs)} rounds: {r.detail}"
                 text = "\n".join(f"round {i}: {rounds.runs[i - 1].detail}" for i in failed)
                 ET.SubElement(case, "failure", message=message[:200]).text = text
-            elif r.status == "fail":
+            elif r.status == FAIL:
                 ET.SubElement(case, "failure", message=r.detail[:200]).text = r.detail
-            elif r.status == "skip":
-                ET.SubElement(case, "skipped", message=r.detail)
+            elif r.status in (SKIP, NA):
+                ET.SubElement(case, "skipped", message=f"{r.status}: {r.detail}")
+            elif r.status == WARN:
+                ET.SubElement(case, "system-out").text = f"warning: {r.detail}"
     ET.indent(root)
-    ET.ElementTree(root).write(path, encoding="unicode", xml_declaration=True)
+    _replace(path, ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n")
 
 
 def load_baseline(path: Path) -> dict[tuple[str, str], str]:
@@ -151,8 +172,8 @@ def compare(results: list[Result], baseline: dict[tuple[str, str], str]) -> tupl
         before = baseline.get((r.scenario, r.target))
         if before is None:
             continue
-        if r.status == "fail" and before != "fail":
+        if r.status == FAIL and before != FAIL:
             worse.append(f"{r.scenario} on {r.target}: {before} -> FAIL ({r.detail})")
-        elif r.status == "pass" and before == "fail":
+        elif r.status == PASS and before == FAIL:
             better.append(f"{r.scenario} on {r.target}: FAIL -> pass")
     return worse, better

@@ -8,8 +8,8 @@ from typing import Any
 
 from connlab import probe
 from connlab.client import Fleet, encode, read_frame, wait_until
-from connlab.matrix.checks import need_fds, open_fleet, wait_held
-from connlab.matrix.core import COMMAND, IN_PROCESS, Context, Failed, Handle, check, scenario
+from connlab.matrix.checks import expect_eof, need_fds, open_fleet, wait_held
+from connlab.matrix.core import COMMAND, IN_PROCESS, Context, Failed, Handle, NotApplicable, check, scenario
 
 #: P1: persistent clients, the sampling period and how long samples are taken.
 P1_CLIENTS = 1000
@@ -154,15 +154,7 @@ def p2(ctx: Context) -> None:
         client = ctx.connect(server)
         extra.append((client, started))
     for k, (client, started) in enumerate(extra):
-        client.settimeout(max(0.0, started + 2.0 - time.monotonic()))
-        try:
-            got = client.recv(1)
-        except TimeoutError:
-            raise Failed(f"extra client {k}: no EOF within 2 s of its connect") from None
-        except ConnectionResetError:
-            raise Failed(f"extra client {k}: reset (RST) instead of EOF") from None
-        check(got == b"", f"extra client {k}: got {got!r}, expected EOF")
-        eof_after.append(time.monotonic() - started)
+        eof_after.append(expect_eof(client, f"extra client {k}, from its connect", started))
     ctx.should(
         max(eof_after) <= 0.1, f"extra clients saw EOF after {max(eof_after) * 1000:.0f} ms, expected 100"
     )
@@ -237,6 +229,12 @@ def p3(ctx: Context) -> None:
 
         ok = fleet.pump_until(lambda: fleet.problems or saturated(), timeout=2.0)
         check(not fleet.problems, f"clients failed: {dict(list(fleet.problems.items())[:5])}")
+        if not ok and all(fleet.echoes) and probe.fd_count(pid) < P3_NOFILE:
+            raise NotApplicable(
+                f"all {P3_CLIENTS} clients served with {probe.fd_count(pid)} fds in the server's process: "
+                "it does not hold its connections in one process (it forks per connection?), so its "
+                "fd limit never binds"
+            )
         check(
             ok,
             f"not saturated within 2 s: {probe.fd_count(pid)} fds of {P3_NOFILE}, "

@@ -14,9 +14,9 @@ from connlab.matrix.checks import (
     frame_limit,
     server_rss,
     settled,
-    stats_delta,
     timed_eof,
     timeout_of,
+    truncated_once,
     within_timeout_window,
 )
 from connlab.matrix.core import IN_PROCESS, Context, Handle, Skip, check, scenario
@@ -35,11 +35,7 @@ def timed_partial_frame(ctx: Context, server: Handle, sent: bytes) -> None:
     if elapsed is None:
         return
     within_timeout_window(ctx, elapsed, "read_timeout", limit, "read_timeout")
-    after = settled(ctx, server)
-    expect_reason(ctx, server, peer, "read_timeout")
-    if before is not None and after is not None:
-        delta = stats_delta(before, after, "truncated_frames")
-        check(delta == 1, f"truncated_frames +{delta}, expected +1")
+    truncated_once(ctx, server, peer, before, "read_timeout")
 
 
 @scenario("T1", "timeout", "connect, send nothing", budget=10, needs=("idle_timeout",))
@@ -121,11 +117,7 @@ def t4(ctx: Context) -> None:
     within_timeout_window(
         ctx, closed_at - started, "read_timeout", limit, "read_timeout from the frame's first byte"
     )
-    after = settled(ctx, server)
-    expect_reason(ctx, server, peer, "read_timeout")
-    if before is not None and after is not None:
-        delta = stats_delta(before, after, "truncated_frames")
-        check(delta == 1, f"truncated_frames +{delta}, expected +1")
+    truncated_once(ctx, server, peer, before, "read_timeout")
 
 
 @scenario("T5", "timeout", "pipelines frames and never reads (slow reader)", budget=30)
