@@ -7,8 +7,10 @@ read or write timeouts and no maximum frame size. `--byte-echo` echoes bytes as 
 socat, ncat or inetd's echo), so half frames are echoed too. `--fork` forks a child per connection
 (inetd / `socat fork` style); the children keep SIGTERM's default action, share stdout/stderr with
 the parent and outlive it, as orphans of such servers do. `--sigterm default` dies by the signal,
-`--sigterm exit` exits 0, `--sigterm crash`
-aborts (a crash at stop). `--log-resets` writes one long stderr line per connection reset by peer.
+`--sigterm exit` exits 0, `--sigterm crash` aborts (a crash at stop). `--log-resets` writes one
+long stderr line per connection reset by peer; `--log-time` prints a timestamped line before the
+address; `--late-fds` opens a pipe 0.3 s after it (a server still starting); `--backlog` sets the
+listen backlog.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 
 HEADER = struct.Struct(">I")
@@ -74,7 +77,7 @@ class Server:
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind((args.host, args.port))
-        self.listener.listen(512)
+        self.listener.listen(args.backlog)
         self.listener.setblocking(False)
         # The SIGTERM handler writes a byte here so a select() that is waiting forever wakes up.
         self.wake_r, self.wake_w = socket.socketpair()
@@ -84,6 +87,7 @@ class Server:
         self.sel.register(self.listener, selectors.EVENT_READ)
         self.sel.register(self.wake_r, selectors.EVENT_READ)
         self.conns: dict[socket.socket, Conn] = {}
+        self.late: list[int] = []  # --late-fds
 
     def run(self) -> None:
         if self.args.sigterm == "exit":
@@ -94,7 +98,12 @@ class Server:
             signal.signal(signal.SIGCHLD, reap_children)
         if not self.args.quiet:
             host, port = self.listener.getsockname()[:2]
+            if self.args.log_time:
+                print(time.strftime("%H:%M:%S starting"), flush=True)
             print(f"listening {f'[{host}]' if ':' in host else host}:{port}", flush=True)
+        if self.args.late_fds:
+            # Finishes starting after the address line, as servers that open waker pipes lazily do.
+            threading.Timer(0.3, lambda: self.late.extend(os.pipe())).start()
         while True:
             for key, events in self.sel.select():
                 if key.fileobj is self.wake_r:
@@ -235,6 +244,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, required=True, help="port to listen on (0 picks a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--backlog", type=int, default=512, help="listen backlog (default %(default)s)")
+    p.add_argument("--log-time", action="store_true", help="print a HH:MM:SS log line before the address")
+    p.add_argument("--late-fds", action="store_true", help="open a pipe 0.3 s after printing the address")
     p.add_argument(
         "--quiet", action="store_true", help="do not print the listening line (--log-resets still logs)"
     )

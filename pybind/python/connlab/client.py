@@ -84,9 +84,6 @@ def wait_until(
 #: a frame, then an abortive close (a truncated frame).
 ECHO, CLOSE, RESET, PARTIAL = "echo", "close", "reset", "partial"
 
-#: `churn` calls its `pace` every PACE_EVERY cycles (see `connlab.matrix.checks.accept_pacer`).
-PACE_EVERY = 25
-
 #: A bound on the client's own operations (a connect, a read), so a broken server fails the
 #: scenario instead of hanging it; the MATRIX's postconditions keep their own 2 s.
 IO_TIMEOUT = 5.0
@@ -122,17 +119,17 @@ def churn(
     pace: Callable[[int], None] | None = None,
 ) -> Counter[str]:
     """`cycles` cycles of `width` connections open at once; connection j of cycle c ends as
-    `modes[(c * width + j) % len(modes)]` says. Every echo is checked byte for byte. `pace` is
-    called with the number of connections opened so far every `PACE_EVERY` cycles (see
-    `accept_pacer`). Returns how many connections ended each way."""
+    `modes[(c * width + j) % len(modes)]` says. Every echo is checked byte for byte. `pace`, if
+    given, is called before each connect with the number of connections opened so far, and may wait
+    (see `connlab.matrix.checks.accept_pacer`). Returns how many connections ended each way."""
     done: Counter[str] = Counter()
     for cycle in range(cycles):
-        if pace is not None and cycle and cycle % PACE_EVERY == 0:
-            pace(cycle * width)
         batch: list[tuple[socket.socket, str, bytes]] = []
         step = "connect"
         try:
             for j in range(width):
+                if pace is not None:
+                    pace(cycle * width + j)
                 mode = modes[(cycle * width + j) % len(modes)]
                 frame = encode(struct.pack(">II", cycle, j))
                 batch.append((open_client(address), mode, frame))

@@ -24,6 +24,7 @@ __all__ = [
     "cpu_seconds",
     "diag_sockets",
     "fd_count",
+    "listen_queue",
     "owned_server_sockets",
     "phantoms",
     "port_view",
@@ -299,12 +300,12 @@ def diag_sockets(port: int, listen: bool = False) -> list[tuple[str, int, int]]:
     """(state name, inode, receive queue) of every TCP socket whose local port is `port`, IPv4
     and IPv6, in this network namespace: the LISTEN ones with `listen` (their receive queue is
     the accept queue's length), the others without. Raises OSError where sock_diag is missing."""
-    return [(state, inode, rqueue) for state, inode, rqueue, _ in _diag(port, listen)]
+    return [(state, inode, rqueue) for state, inode, rqueue, _, _ in _diag(port, listen)]
 
 
-def _diag(port: int, listen: bool) -> list[tuple[str, int, int, int]]:
-    """`diag_sockets` with each socket's remote port as a fourth field."""
-    found: list[tuple[str, int, int, int]] = []
+def _diag(port: int, listen: bool) -> list[tuple[str, int, int, int, int]]:
+    """`diag_sockets` with each socket's remote port and send queue (a listener's: its backlog)."""
+    found: list[tuple[str, int, int, int, int]] = []
     states = 1 << _TCP_LISTEN if listen else _ALL_BUT_LISTEN
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
         for family in (socket.AF_INET, socket.AF_INET6):
@@ -326,10 +327,10 @@ def _diag(port: int, listen: bool) -> list[tuple[str, int, int, int]]:
                     _, state, _, _ = _DIAG_MSG_HEAD.unpack_from(data, body)
                     sport, dport = _SOCKID.unpack_from(data, body + _DIAG_MSG_HEAD.size)[:2]
                     tail = _DIAG_MSG_TAIL.unpack_from(data, body + _DIAG_MSG_HEAD.size + _SOCKID.size)
-                    rqueue, inode = tail[1], tail[4]
+                    rqueue, wqueue, inode = tail[1], tail[2], tail[4]
                     if sport == port:
                         name = "SYN_RECV" if state == _TCP_NEW_SYN_RECV else TCP_STATES.get(state, str(state))
-                        found.append((name, inode, rqueue, dport))
+                        found.append((name, inode, rqueue, dport, wqueue))
                     off += (length + 3) & ~3
                 if done:
                     break
@@ -342,7 +343,7 @@ def server_sockets(port: int) -> list[tuple[str, int, int]]:
     An inode of 0 is a socket no process holds: still in the accept queue, or closed (TIME_WAIT,
     FIN_WAIT). From sock_diag, or the /proc tables where it is missing."""
     try:
-        return [(state, inode, peer) for state, inode, _, peer in _diag(port, listen=False)]
+        return [(state, inode, peer) for state, inode, _, peer, _ in _diag(port, listen=False)]
     except OSError:
         pass
     seen: dict[tuple[str, str, str], tuple[str, int, int]] = {}
@@ -393,6 +394,18 @@ def accept_queue(port: int) -> int | None:
         return sum(rqueue for _, _, rqueue in diag_sockets(port, listen=True))
     except OSError:
         return None
+
+
+def listen_queue(port: int) -> tuple[int, int] | None:
+    """(connections waiting in the accept queue, the backlog that bounds it) of the listener on
+    `port`; None without sock_diag or without a listener."""
+    try:
+        listeners = _diag(port, listen=True)
+    except OSError:
+        return None
+    if not listeners:
+        return None
+    return sum(rq for _, _, rq, _, _ in listeners), min(backlog for *_, backlog in listeners)
 
 
 def port_view(port: int, pid: int | None = None) -> PortView:

@@ -46,8 +46,8 @@ __all__ = [
 #: Output lines kept per server, for error messages.
 TAIL_LINES = 50
 
-#: Signals that end a process by their default action without it being a crash: a stop.
-STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+#: The signal that stops a server; dying by its default action is a normal stop.
+STOP_SIGNALS = frozenset({signal.SIGTERM})
 
 
 class StartError(RuntimeError):
@@ -120,11 +120,11 @@ def _is_host(text: str) -> bool:
     return False
 
 
-def accepts(host: str, port: int) -> bool:
-    """Whether `host`:`port` accepts a TCP connection now (closed again at once)."""
+def accepts(host: str, port: int, timeout: float = 0.2) -> bool:
+    """Whether `host`:`port` accepts a TCP connection within `timeout` s (closed again at once)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.2)
+        sock.settimeout(timeout)
         return sock.connect_ex((host, port)) == 0
 
 
@@ -135,9 +135,10 @@ _LIVE: weakref.WeakSet[ServeProcess] = weakref.WeakSet()
 class ServeProcess:
     """A server command in a child process, in a process group of its own.
 
-    Ready when it prints an address on any line of stdout or stderr, or, with `port`, when
-    `host`:`port` accepts a connection, within `start_timeout` seconds; else `StartError`
-    naming what was waited for and its last output lines, and nothing is left running.
+    Ready when it prints an address on any line of stdout or stderr or, with `port` (the port it
+    was told to use), when `host`:`port` or a printed address with that port accepts a
+    connection, within `start_timeout` seconds; else `StartError` naming what was waited for and
+    its last output lines, and nothing is left running.
     """
 
     def __init__(
@@ -183,8 +184,13 @@ class ServeProcess:
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
-                if self._printed is not None:
-                    return self._printed
+                printed = self._printed
+            if port is None and printed is not None:
+                return printed
+            # Told its port: a printed address counts only with that port (a log line may name
+            # another service), and only once it accepts (it may be printed before the listen).
+            if port is not None and printed is not None and printed[1] == port and accepts(*printed):
+                return printed
             if port is not None and accepts(host, port):
                 return host, port
             if self.child.poll() is not None:
@@ -337,9 +343,20 @@ class LeakGuard:
                 threads += probe.thread_count(pid)
         return fds, threads
 
-    def baseline(self) -> None:
-        if self.pid is not None:
-            self.fds, self.threads = self.counts()
+    def baseline(self, settle: float = 0.0, limit: float = 3.0) -> None:
+        """Takes the counts; with `settle`, once they have not changed for `settle` s (at most
+        `limit` s): a server may still be opening fds or threads after it printed its address."""
+        if self.pid is None:
+            return
+        deadline = time.monotonic() + limit
+        self.fds, self.threads = self.counts()
+        since = time.monotonic()
+        while time.monotonic() - since < settle and time.monotonic() < deadline:
+            time.sleep(0.02)
+            now = self.counts()
+            if now != (self.fds, self.threads):
+                self.fds, self.threads = now
+                since = time.monotonic()
 
     def check(self, port: int | None, timeout: float = 2.0) -> list[str]:
         """Polls until fds and threads are back and no CLOSE_WAIT is left; returns what is not.

@@ -18,6 +18,7 @@ from connlab.matrix import report
 from connlab.matrix.core import (
     CONFIGURED,
     FAIL,
+    PASS,
     WARN,
     Options,
     Repeated,
@@ -206,6 +207,8 @@ class Run:
         self.budget_left = args.repeat * len(targets) * sum(s.budget for s in scenarios)
         self.budget_done = 0.0
         self.done, self.total, self.failed, self.warned = 0, total, 0, 0
+        #: Targets whose server has started at least once.
+        self.came_up: set[str] = set()
 
     def row(self, k: int, sc: Scenario, target: Target, result: Result, mine: list[Result]) -> None:
         self.done += 1
@@ -266,7 +269,7 @@ def run_matrix(args: argparse.Namespace) -> int:
         baseline = report.load_baseline(args.baseline) if args.baseline else None
         for target in targets:
             if why := target.reachable():
-                raise ValueError(f"--target: {why}; nothing was run")
+                raise ValueError(f"{why}; nothing was run")
     except ValueError as err:
         print(f"connlab matrix: {err}", file=sys.stderr)
         return 2
@@ -284,8 +287,11 @@ def run_matrix(args: argparse.Namespace) -> int:
                         result = run_one(sc, target, options)
                     mine.append(result)
                     run.row(k, sc, target, result, mine)
-                    if _start_failed(result):
+                    # A target whose server never came up would fail every row the same way.
+                    if _start_failed(result) and target.name not in run.came_up:
                         raise _CannotStart(result.detail)
+                    if result.status in (PASS, WARN, FAIL) and not _start_failed(result):
+                        run.came_up.add(target.name)
             run.rounds.append((mine, time.monotonic() - round_started))
             mine = []
             if n > 1:
@@ -304,7 +310,7 @@ def run_matrix(args: argparse.Namespace) -> int:
 
 
 class _CannotStart(Exception):
-    """The target's server did not come up for the first row: every row would fail the same way."""
+    """The target's server did not come up for its first row: every row would fail the same way."""
 
 
 def _start_failed(result: Result) -> bool:

@@ -7,20 +7,22 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from connlab import probe
-from connlab.client import IO_TIMEOUT, Fleet, encode, open_client, read_frame, wait_until
+from connlab.client import IO_TIMEOUT, Fleet, churn, encode, open_client, read_frame, wait_until
 from connlab.matrix.core import IN_PROCESS, Context, Failed, Handle, NotApplicable, check
 
 #: MATRIX.md's churn: 1000 cycles of 10 simultaneous connections.
 CYCLES = 1000
 WIDTH = 10
 
-#: `accept_pacer`: how far churn may run ahead of the server's accepts, checked every PACE_EVERY
-#: cycles; together well below the listen backlog (1024 by default).
+#: `accept_pacer`, with the server's stats: how far churn may run ahead of its accepts, checked
+#: every PACE_EVERY cycles; together well below the listen backlog (1024 by default).
 PACE_LAG = 256
+PACE_EVERY = 25
 
 MIB = 1 << 20
 
@@ -189,20 +191,20 @@ def wait_fd_closed(handle: Handle, inode: int) -> None:
     )
 
 
-def listener_inode(port: int) -> int:
-    """The inode of the LISTEN socket on `port`."""
+def listener_inodes(port: int) -> set[int]:
+    """The inodes of the LISTEN sockets on `port` (several with SO_REUSEPORT, or IPv4 and IPv6)."""
     try:
-        inodes = [inode for _, inode, _ in probe.diag_sockets(port, listen=True)]
+        inodes = {inode for _, inode, _ in probe.diag_sockets(port, listen=True)}
     except OSError as err:
         raise NotApplicable(f"needs sock_diag to find the listener: {err}") from None
-    check(len(inodes) == 1, f"{len(inodes)} LISTEN sockets on port {port}, expected 1")
-    return inodes[0]
+    check(inodes, f"no LISTEN socket on port {port}")
+    return inodes
 
 
-def wait_listener_closed(port: int, inode: int) -> None:
-    """Waits until the listening socket `inode` on `port` is closed (a stop has begun)."""
+def wait_listener_closed(port: int, inodes: set[int]) -> None:
+    """Waits until every listening socket of `inodes` on `port` is closed (a stop has begun)."""
     wait_until(
-        lambda: all(i != inode for _, i, _ in probe.diag_sockets(port, listen=True)),
+        lambda: not inodes & {i for _, i, _ in probe.diag_sockets(port, listen=True)},
         what="the listener closed",
     )
 
@@ -216,19 +218,28 @@ def small_rcvbuf_client(ctx: Context, handle: Handle, rcvbuf: int = 4096) -> soc
     return sock
 
 
+def kernel_counts(handle: Handle) -> dict[str, int | None]:
+    """What the kernel shows of the server's port: "owned", the sockets its process tree holds
+    (None without a pid); "held", those any process holds (the kernel gives a socket an inode
+    when it is accepted); "established" and "close_wait" by state."""
+    sockets = probe.server_sockets(handle.address[1])
+    mine = probe.tree_socket_inodes(handle.pid) if handle.pid is not None else None
+    return {
+        "owned": None if mine is None else sum(1 for _, inode, _ in sockets if inode in mine),
+        "held": sum(1 for _, inode, _ in sockets if inode),
+        "established": sum(1 for state, _, _ in sockets if state == "ESTABLISHED"),
+        "close_wait": sum(1 for state, _, _ in sockets if state == "CLOSE_WAIT"),
+    }
+
+
 def held(handle: Handle) -> int:
-    """Connections the server holds: its `active`; without stats, the sockets on its port that
-    some process holds (the kernel gives a socket an inode when it is accepted), with a pid only
-    those of its process tree."""
+    """Connections the server holds: its `active`; without stats, the sockets on its port its
+    process tree holds, or without a pid those any process holds (`kernel_counts`)."""
     stats = handle.stats()
     if stats is not None:
         return int(stats["active"])
-    port, pid = handle.address[1], handle.pid
-    sockets = probe.server_sockets(port)
-    if pid is not None:
-        mine = probe.tree_socket_inodes(pid)
-        return sum(1 for _, inode, _ in sockets if inode in mine)
-    return sum(1 for _, inode, _ in sockets if inode)
+    counts = kernel_counts(handle)
+    return int(counts["owned"] if counts["owned"] is not None else counts["held"] or 0)
 
 
 def wait_held(handle: Handle, n: int, timeout: float = 2.0) -> None:
@@ -310,21 +321,58 @@ def need_fds(n: int) -> None:
 
 def accept_pacer(handle: Handle, before: dict[str, Any] | None) -> Callable[[int], None] | None:
     """Keeps a churn that never waits for the server (connect-then-close, send-then-RST) from
-    running more than `PACE_LAG` connections ahead of the server's accepts. Otherwise a slow
-    acceptor (a thread spawned per connection) lets the listen queue overflow (seen: `blocking`,
-    ListenOverflows in /proc/net/netstat): the kernel drops the handshake's last ACK, and the
-    connection reaches the server a retransmission (1 s) later, or never if an RST follows, so
-    "every close counted" would count the kernel's drops. Needs the server's stats (None without)."""
+    running ahead of the server's accepts. Otherwise a slow acceptor (a thread or a process per
+    connection, a small backlog) lets the listen queue overflow (ListenOverflows in
+    /proc/net/netstat): the kernel drops handshakes, and a connection reaches the server a
+    retransmission (1 s) later, or never if an RST follows, so the row would measure the kernel's
+    drops. With the server's stats: at most `PACE_LAG` connections ahead of its `accepted`,
+    checked every `PACE_EVERY` cycles; without: a connect only when it fits in the listener's
+    accept queue (its length and backlog read through sock_diag). None when neither is known."""
+    port = handle.address[1]
     if before is None:
-        return None
+        if probe.listen_queue(port) is None:
+            return None
+        credit = [0]  # connects known to fit since the queue was last read
+
+        def room() -> bool:
+            queue = probe.listen_queue(port)
+            credit[0] = 1 << 30 if queue is None else queue[1] - queue[0]  # None: the listener is gone
+            return credit[0] > 0
+
+        def fits(_opened: int) -> None:
+            if credit[0] <= 0:
+                wait_until(room, IO_TIMEOUT, interval=0.001, what="room in the server's accept queue")
+            credit[0] -= 1
+
+        return fits
 
     def pace(opened: int) -> None:
+        if not opened or opened % (PACE_EVERY * WIDTH):
+            return
+
         def caught_up() -> bool:
             return (handle.stats() or {})["accepted"] - before["accepted"] >= opened - PACE_LAG
 
         wait_until(caught_up, IO_TIMEOUT, what=f"the server accepting {opened - PACE_LAG} connections")
 
     return pace
+
+
+def run_churn(
+    ctx: Context, handle: Handle, modes: tuple[str, ...], before: dict[str, Any] | None = None
+) -> Counter[str]:
+    """MATRIX.md's churn (`CYCLES` x `WIDTH`) against `handle`, paced to its accepts
+    (`accept_pacer`; `before` are its stats at the start, if it has any), and ended early when
+    the row is aborted (past its budget)."""
+    pacer = accept_pacer(handle, before)
+
+    def pace(opened: int) -> None:
+        if ctx.cancelled.is_set():
+            raise Failed(f"churn stopped after {opened} connections: the row was aborted")
+        if pacer is not None:
+            pacer(opened)
+
+    return churn(handle.address, CYCLES, WIDTH, modes=modes, pace=pace)
 
 
 def open_fleet(ctx: Context, handle: Handle, n: int) -> Fleet:

@@ -8,11 +8,14 @@ import socket
 import sys
 import threading
 import time
+import traceback
+import types
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from connlab import probe
 from connlab._native import BACKENDS, Server
 from connlab.client import connect
 from connlab.process import LeakGuard, ServeProcess, Stopped, accepts, connlab_serve_argv
@@ -32,6 +35,13 @@ STATUSES = (PASS, FAIL, WARN, NA, SKIP)
 #: Features a server may claim; a row that tests one the server does not claim is n/a.
 #: `framing`: it parses frames (a byte echo answers half a frame byte for byte).
 FEATURES = ("idle_timeout", "read_timeout", "write_timeout", "max_frame", "framing")
+
+
+H = TypeVar("H", bound="Handle")
+
+#: A server in another process has finished starting when its fds and threads have not changed
+#: for this long (it may open some just after printing its address).
+SETTLE = 0.5
 
 
 class Skip(Exception):
@@ -306,17 +316,24 @@ class Target:
         )
 
     def reachable(self) -> str | None:
-        """None if an external target accepts connections (or this is no external target); else
-        why not, for one up-front error instead of a failure per row."""
+        """None if an external target can be tested (or this is no external target); else why
+        not, for one up-front error instead of a failure per row: it must accept connections, be
+        on this machine (the checks read this kernel's sockets) and, with a pid, be a process
+        whose fds this user can read."""
         if self.address is None:
             return None
         host, port = self.address
         try:
-            if accepts(host, port):
-                return None
-            return f"{host}:{port} refuses connections"
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+                sock.bind((host, 0))
+        except OSError:
+            return f"{host} is not an address of this machine: the matrix reads this kernel's sockets"
+        try:
+            if not accepts(host, port, timeout=2.0):
+                return f"{host}:{port} refuses connections"
         except OSError as err:
             return f"{host}:{port}: {err}"
+        return None if self.pid is None else _unreadable(self.pid)
 
     def start(self, options: Options, overrides: dict[str, Any]) -> Handle:
         """A server for one scenario. In-process and command targets start a fresh one; an
@@ -351,6 +368,17 @@ class Target:
             assert self.command is not None
             return command_handle(self.command, kwargs, options, nofile=nofile)
         raise Skip("needs the server in a child process: give --serve-cmd instead of --target")
+
+
+def _unreadable(pid: int) -> str | None:
+    """Why the fds of process `pid` cannot be counted, or None if they can."""
+    try:
+        probe.socket_inodes(pid)
+    except ProcessLookupError:
+        return f"--pid {pid}: no such process"
+    except PermissionError:
+        return f"--pid {pid}: its fds cannot be read by this user"
+    return None
 
 
 def command_handle(
@@ -394,6 +422,10 @@ class Context:
     handles: list[Handle] = field(default_factory=list)
     sockets: list[socket.socket] = field(default_factory=list)
     guards: list[tuple[LeakGuard, Handle]] = field(default_factory=list)
+    #: Set when the row is aborted: long loops (churn) end at their next step.
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    _started_s: float = 0.0
+    _starting_since: float | None = None
 
     def server(self, **overrides: Any) -> Handle:
         """A server for this scenario, inside the leak guard."""
@@ -401,23 +433,45 @@ class Context:
         guard = LeakGuard(pid=os.getpid() if in_process else self.target.pid)
         if in_process:
             guard.baseline()  # before the server starts
-        handle = self.target.start(self.options, overrides)
-        self.handles.append(handle)
+        handle = self.starting(lambda: self.target.start(self.options, overrides))
         if not in_process:
             guard.pid = handle.pid
-            guard.baseline()  # after the listener is up
+            guard.baseline(settle=SETTLE)  # once the server has finished starting
         self.guards.append((guard, handle))
         return handle
 
     def child_server(self, overrides: dict[str, Any], nofile: int | None = None) -> ChildHandle:
         """The target's server in a child process (`Target.child`), inside the leak guard: its
         fds and threads right after start are the baseline, checked again before it is stopped."""
-        handle = self.target.child(self.options, overrides, nofile=nofile)
+        handle = self.starting(lambda: self.target.child(self.options, overrides, nofile=nofile))
         guard = LeakGuard(pid=handle.pid)
-        self.handles.append(handle)
         self.guards.append((guard, handle))
-        guard.baseline()
+        guard.baseline(settle=SETTLE)
         return handle
+
+    def starting(self, start: Callable[[], H]) -> H:
+        """Starts a server (`start()`), outside the row's budget; it is the row's from then on,
+        ended with it (or at once, if the row was aborted meanwhile)."""
+        self.check_cancelled()
+        self._starting_since = time.monotonic()
+        try:
+            handle = start()
+        finally:
+            self._started_s += time.monotonic() - self._starting_since
+            self._starting_since = None
+        self.handles.append(handle)
+        self.check_cancelled()
+        return handle
+
+    def starting_s(self) -> float:
+        """Seconds the row has spent starting servers so far (the one starting now included)."""
+        since = self._starting_since
+        return self._started_s + (time.monotonic() - since if since is not None else 0.0)
+
+    def check_cancelled(self) -> None:
+        """Ends a row that was aborted (past its budget) at its next step."""
+        if self.cancelled.is_set():
+            raise Failed("the row was aborted")
 
     def guard_of(self, handle: Handle) -> LeakGuard:
         """The leak guard put around `handle`."""
@@ -477,6 +531,7 @@ class Context:
     def abort(self) -> None:
         """After the budget ran out: ends every server the scenario started at once and closes
         its clients, so its thread fails out of whatever it waits for."""
+        self.cancelled.set()
         for handle in self.handles:
             with suppress(Exception):
                 handle.kill()
@@ -500,6 +555,13 @@ class Scenario:
     run: ScenarioFn
     budget: float
     needs: frozenset[str] = frozenset()
+    waits: frozenset[str] = frozenset()
+
+    def budget_for(self, options: Options) -> float:
+        """Seconds the row may run, server start-up aside: its budget scaled, never under 1 s,
+        plus three times the longest claimed timeout it waits for (a close at up to 2T + 0.25 s)."""
+        longest = max((float(getattr(options, w) or 0) for w in self.waits), default=0.0)
+        return max(1.0, self.budget * options.budget_scale) + 3 * longest
 
     def applies_to(self, target: Target) -> str | None:
         """None if it applies; else why not."""
@@ -520,6 +582,7 @@ def scenario(
     budget: float,
     kinds: frozenset[str] = ALL_KINDS,
     needs: tuple[str, ...] = (),
+    waits: tuple[str, ...] = (),
 ) -> Callable[[ScenarioFn], ScenarioFn]:
     """Registers a scenario function under its MATRIX.md id."""
 
@@ -529,7 +592,9 @@ def scenario(
         unknown = set(needs) - set(FEATURES)
         if unknown:
             raise ValueError(f"scenario {id}: unknown features {unknown}")
-        SCENARIOS[id] = Scenario(id, category, description, frozenset(kinds), fn, budget, frozenset(needs))
+        SCENARIOS[id] = Scenario(
+            id, category, description, frozenset(kinds), fn, budget, frozenset(needs), frozenset(waits)
+        )
         return fn
 
     return register
@@ -611,10 +676,12 @@ def run_one(sc: Scenario, target: Target, options: Options) -> Result:
     worker = threading.Thread(
         target=lambda: outcome.append(_run_in_guard(sc, ctx)), name=f"matrix-{sc.id}", daemon=True
     )
-    budget = max(1.0, sc.budget * options.budget_scale)  # never less than a second, start-up included
+    budget = sc.budget_for(options)
     worker.start()
     try:
-        worker.join(budget)
+        # The budget's clock stands still while a server starts: --start-timeout bounds that.
+        while worker.is_alive() and time.monotonic() - started - ctx.starting_s() < budget:
+            worker.join(0.05)
     except BaseException:  # Ctrl-C or SIGTERM: leave nothing running behind
         ctx.abort()
         worker.join(5.0)
@@ -623,9 +690,11 @@ def run_one(sc: Scenario, target: Target, options: Options) -> Result:
         where = _where(worker)
         ctx.abort()
         worker.join(10.0)
-        detail = f"timed out after {budget:.3g} s in {where}; the server was killed"
+        killed = "; its servers were killed" if any(h.stoppable for h in ctx.handles) else ""
+        detail = f"timed out after {budget:.3g} s in {where}{killed}"
+        detail += f" ({ctx.options.option('scenario_timeout')} scales the budget)"
         if worker.is_alive():
-            detail += " (the scenario's thread did not end within 10 s of it)"
+            detail += "; the scenario's thread did not end within 10 s of it"
         return Result(sc.id, target.name, FAIL, time.monotonic() - started, detail)
     status, detail, leaks = outcome[0]
     if leaks and status not in (SKIP, NA):
@@ -648,10 +717,10 @@ def _run_in_guard(sc: Scenario, ctx: Context) -> tuple[str, str, list[str]]:
         status, detail = SKIP, str(skip)
     except NotApplicable as na:
         status, detail = NA, str(na)
-    except (Failed, AssertionError, TimeoutError) as failure:
-        status, detail = FAIL, f"{type(failure).__name__}: {failure}"
-    except Exception as error:
-        status, detail = FAIL, f"{type(error).__name__}: {error}"
+    except Failed as failure:
+        status, detail = FAIL, f"Failed: {failure}"
+    except Exception as error:  # an assertion, a socket timeout, an error: say where it came from
+        status, detail = FAIL, f"{type(error).__name__}: {error} (in {_steps(error.__traceback__)})"
     try:
         leaks = ctx.finish()
     except Exception as error:
@@ -659,16 +728,30 @@ def _run_in_guard(sc: Scenario, ctx: Context) -> tuple[str, str, list[str]]:
     return status, detail, leaks
 
 
+#: The connlab package's directory: frames in it are steps of a scenario.
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
 def _where(thread: threading.Thread) -> str:
     """The step a scenario's thread is in: its innermost frames in connlab code."""
     frame = sys._current_frames().get(thread.ident or -1)
-    steps = []
-    while frame is not None and len(steps) < 3:
-        code = frame.f_code
-        if "connlab" in code.co_filename and "/process.py" not in code.co_filename:
-            steps.append(f"{code.co_name} ({os.path.basename(code.co_filename)}:{frame.f_lineno})")
-        frame = frame.f_back
-    return " < ".join(steps) if steps else "an unknown step"
+    return _steps(traceback.walk_stack(frame)) if frame is not None else "an unknown step"
+
+
+def _steps(frames: Any) -> str:
+    """ "read_frame (client.py:50) < c2 (halfclose.py:80)": the innermost three frames in connlab
+    code of a traceback or of `traceback.walk_stack` (innermost first)."""
+    if isinstance(frames, types.TracebackType) or frames is None:
+        frames = reversed(list(traceback.walk_tb(frames)))
+    steps, scenario = [], None
+    for frame, line in frames:
+        name = frame.f_code.co_filename
+        if name.startswith(_PACKAGE) and not name.endswith("process.py"):
+            step = f"{frame.f_code.co_name} ({os.path.basename(name)}:{line})"
+            steps.append(step)
+            scenario = step if f"{os.sep}scenarios{os.sep}" in name else scenario
+    shown = steps[:3] + ([scenario] if scenario and scenario not in steps[:3] else [])
+    return " < ".join(shown) if shown else "an unknown step"
 
 
 def select(ids: list[str] | None = None) -> list[Scenario]:

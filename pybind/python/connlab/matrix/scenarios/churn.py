@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 
-from connlab.client import CLOSE, ECHO, RESET, churn, wait_until
+from connlab.client import CLOSE, ECHO, RESET, wait_until
 from connlab.matrix.checks import (
     CYCLES,
     WIDTH,
-    accept_pacer,
     need_fds,
     open_fleet,
     registry_empty,
+    run_churn,
     server_cpu,
     settled,
     stats_delta,
@@ -24,7 +24,7 @@ from connlab.matrix.core import Context, Failed, LeakGuard, check, scenario
 def u1(ctx: Context) -> None:
     server = ctx.server()
     before = ctx.stats(server, "closed_by.eof == 10000")
-    churn(server.address, CYCLES, WIDTH, modes=(ECHO,))
+    run_churn(ctx, server, (ECHO,), before)
     after = settled(ctx, server)
     registry_empty(ctx, server)
     if before is not None:
@@ -38,7 +38,7 @@ def u1(ctx: Context) -> None:
 def u2(ctx: Context) -> None:
     server = ctx.server()
     before = ctx.stats(server, "every close counted")
-    churn(server.address, CYCLES, WIDTH, modes=(CLOSE,), pace=accept_pacer(server, before))
+    run_churn(ctx, server, (CLOSE,), before)
     after = settled(ctx, server)
     registry_empty(ctx, server)
     if before is not None:
@@ -52,7 +52,7 @@ def u2(ctx: Context) -> None:
 def u3(ctx: Context) -> None:
     server = ctx.server()
     before = ctx.stats(server, "close reasons reset/eof")
-    churn(server.address, CYCLES, WIDTH, modes=(RESET,), pace=accept_pacer(server, before))
+    run_churn(ctx, server, (RESET,), before)
     after = settled(ctx, server)
     registry_empty(ctx, server)
     if before is not None:

@@ -257,6 +257,7 @@ def read_all_to_eof(socks: list[socket.socket], limit: float) -> list[tuple[byte
     "64 KiB of random bytes, several seeds, then the client waits",
     budget=20,
     needs=("framing", "max_frame"),
+    waits=("idle_timeout", "read_timeout"),
 )
 def e5(ctx: Context) -> None:
     server = ctx.server()

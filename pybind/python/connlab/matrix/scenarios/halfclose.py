@@ -12,7 +12,7 @@ from connlab.matrix.checks import (
     accepted_socket,
     expect_reason,
     frame_limit,
-    listener_inode,
+    listener_inodes,
     settled,
     truncated_once,
     wait_consumed,
@@ -58,7 +58,7 @@ def c2(ctx: Context) -> None:
     grace = 1.0
     port = server.address[1]
     # Found now: the frame below has only read_timeout to complete.
-    listener = listener_inode(port)
+    listener = listener_inodes(port)
     client = ctx.connect(server)
     peer = client.getsockname()
     # Accepted before the stop: one still in the accept queue would be reset by the kernel.

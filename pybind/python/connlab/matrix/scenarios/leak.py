@@ -6,8 +6,8 @@ import statistics
 from contextlib import suppress
 
 from connlab import probe
-from connlab.client import CLOSE, ECHO, PARTIAL, RESET, churn, wait_until
-from connlab.matrix.checks import CYCLES, WIDTH, settled, wait_fds
+from connlab.client import CLOSE, ECHO, PARTIAL, RESET, wait_until
+from connlab.matrix.checks import CYCLES, WIDTH, run_churn, settled, wait_fds
 from connlab.matrix.core import COMMAND, EXTERNAL_PID, IN_PROCESS, Context, check, scenario
 
 #: Leak rounds end connections every way a client can: echo and FIN, FIN without data, RST after
@@ -32,7 +32,7 @@ def l1(ctx: Context) -> None:
     server = ctx.server()
     guard = ctx.guard_of(server)
     before = server.stats()
-    churn(server.address, CYCLES, WIDTH, modes=MIX)
+    run_churn(ctx, server, MIX, before)
     after = settled(ctx, server)
     if before is not None and after is not None:
         reasons = {
@@ -63,7 +63,7 @@ def l2(ctx: Context) -> None:
     assert guard.fds is not None and guard.threads is not None
     rounds: list[tuple[int, int]] = []  # (threads, RSS) after each round
     for n in range(WARMUP_ROUNDS + TRACKED_ROUNDS):
-        churn(server.address, CYCLES, WIDTH, modes=MIX)
+        run_churn(ctx, server, MIX)
         wait_fds(ctx, server, guard.fds, f"round {n + 1}: every connection closed")
         # A thread leaves /proc a little after its socket is closed: give it the usual 2 s to get
         # back to the count after start, but judge the counts rounds end with, not that.

@@ -8,7 +8,7 @@ from typing import Any
 
 from connlab import probe
 from connlab.client import Fleet, encode, read_frame, wait_until
-from connlab.matrix.checks import expect_eof, need_fds, open_fleet, wait_held
+from connlab.matrix.checks import expect_eof, held, kernel_counts, need_fds, open_fleet, wait_held
 from connlab.matrix.core import COMMAND, IN_PROCESS, Context, Failed, Handle, NotApplicable, check, scenario
 
 #: P1: persistent clients, the sampling period and how long samples are taken.
@@ -64,7 +64,7 @@ def p1(ctx: Context) -> None:
     period, why = frame_period(server.kwargs.get("idle_timeout"))
     if why:
         ctx.note(why)
-    port, pid = server.address[1], server.pid
+    pid = server.pid
     has_stats = ctx.stats(server, "server active in every sample") is not None
     if pid is None:
         ctx.note("owned server-side sockets: not sampled (no pid for the server)")
@@ -83,11 +83,16 @@ def p1(ctx: Context) -> None:
             )
             t = time.monotonic() - started
             stats = server.stats()
-            sockets = probe.server_sockets(port)
-            mine = probe.tree_socket_inodes(pid) if pid is not None else None
-            owned = None if mine is None else sum(1 for _, inode, _ in sockets if inode in mine)
-            established = sum(1 for state, _, _ in sockets if state == "ESTABLISHED")
-            rows.append((t, stats["active"] if stats else None, owned, established, fleet.connected))
+            kernel = kernel_counts(server)
+            rows.append(
+                (
+                    t,
+                    stats["active"] if stats else None,
+                    kernel["owned"],
+                    kernel["established"],
+                    fleet.connected,
+                )
+            )
         bad = [r for r in rows if len({v for v in r[1:] if v is not None}) != 1]
         problems = f"; clients: {dict(list(fleet.problems.items())[:3])}" if fleet.problems else ""
         check(
@@ -107,19 +112,15 @@ def p1(ctx: Context) -> None:
 def _all_gone_within(server: Handle, since: float, limit: float, has_stats: bool) -> None:
     """After the clients closed, within `limit` s: active 0 (by the server's stats; else no socket
     on the port owned by its pid; else none established) and no CLOSE_WAIT on the port."""
-    port, pid = server.address[1], server.pid
     seen: dict[str, Any] = {}
 
     def gone() -> bool:
-        sockets = probe.server_sockets(port)
+        kernel = kernel_counts(server)
         if has_stats:
             seen["active"] = (server.stats() or {}).get("active")
-        elif pid is not None:
-            mine = probe.tree_socket_inodes(pid)
-            seen["owned sockets"] = sum(1 for _, inode, _ in sockets if inode in mine)
         else:
-            seen["held sockets"] = sum(1 for _, inode, _ in sockets if inode)
-        seen["CLOSE_WAIT"] = sum(1 for state, _, _ in sockets if state == "CLOSE_WAIT")
+            seen["sockets held"] = held(server)
+        seen["CLOSE_WAIT"] = kernel["close_wait"]
         return not any(seen.values())
 
     while not gone():
@@ -184,15 +185,15 @@ def p2(ctx: Context) -> None:
     ctx.note(f"extra clients saw EOF after {max(eof_after) * 1000:.1f} ms at most")
 
 
-def _saturation(fleet: Fleet, pid: int, port: int, nofile: int) -> tuple[bool, int, int]:
+def _saturation(fleet: Fleet, server: Handle, nofile: int) -> tuple[bool, int, int]:
     """(saturated, served, owned): every fd of the child in use, and every connection it holds
     served. Quick (sock_diag), so the clients' keep-alive frames are not held up."""
-    fds = probe.fd_count(pid)
+    assert server.pid is not None
+    fds = probe.fd_count(server.pid)
     served = sum(1 for e in fleet.echoes if e)
     if fds < nofile:
         return False, served, -1
-    mine = probe.tree_socket_inodes(pid)
-    owned = sum(1 for _, inode, _ in probe.server_sockets(port) if inode in mine)
+    owned = held(server)
     return served == owned, served, owned
 
 
@@ -205,7 +206,7 @@ def _saturation(fleet: Fleet, pid: int, port: int, nofile: int) -> tuple[bool, i
 )
 def p3(ctx: Context) -> None:
     server = ctx.child_server({}, nofile=P3_NOFILE)
-    pid, port = server.pid, server.address[1]
+    pid = server.pid
     fleet = open_fleet(ctx, server, P3_CLIENTS)
     try:
         for i in range(P3_CLIENTS):
@@ -224,7 +225,7 @@ def p3(ctx: Context) -> None:
         def saturated() -> bool:
             nonlocal state
             refresh_keepalive()
-            state = _saturation(fleet, pid, port, P3_NOFILE)
+            state = _saturation(fleet, server, P3_NOFILE)
             return state[0]
 
         ok = fleet.pump_until(lambda: fleet.problems or saturated(), timeout=2.0)

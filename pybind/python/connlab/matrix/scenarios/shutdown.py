@@ -19,7 +19,7 @@ from connlab.matrix.checks import (
     accepted_socket,
     expect_eof,
     frame_limit,
-    listener_inode,
+    listener_inodes,
     quiescent_stats,
     wait_held,
     wait_listener_closed,
@@ -197,6 +197,7 @@ def s2(ctx: Context) -> None:
         accepted_socket(server, client)
     got: list[bytearray] = [bytearray() for _ in clients]
     errors: dict[int, str] = {}
+    eof = [False] * len(clients)
     sel = selectors.DefaultSelector()
     for k, client in enumerate(clients):
         client.setblocking(False)
@@ -218,6 +219,7 @@ def s2(ctx: Context) -> None:
                 if data:
                     got[k] += data
                 else:
+                    eof[k] = k not in errors
                     sel.unregister(clients[k])
                     clients[k].close()  # the EOF answered: the server's lingering close ends
 
@@ -235,6 +237,11 @@ def s2(ctx: Context) -> None:
         check(
             bytes(got[k]) == frame,
             f"client {k}: {len(got[k])} bytes before EOF, expected its whole echo of {len(frame)} bytes",
+        )
+        # The stop ends every connection: one still open 10 s later outlived its server.
+        check(
+            eof[k],
+            f"client {k}: its whole echo, but no EOF within 10 s of stop(): the connection outlived it",
         )
     if "drained" in report:
         check(
@@ -382,7 +389,7 @@ def s3(ctx: Context) -> None:
     # frame, answered), the server goes quiet, and stop() is called with `active` known; they go
     # on as soon as the listener is closed.
     server = ctx.server(idle_timeout=LONG, read_timeout=LONG, write_timeout=LONG)
-    inode = listener_inode(server.address[1])
+    inode = listener_inodes(server.address[1])
     with _stderr_captured() as captured:
         churners = Churners(server.address)
         wait_until(lambda: churners.connections >= 200 or churners.errors, timeout=5.0, what="churn running")
@@ -421,6 +428,7 @@ def s4(ctx: Context) -> None:
     host, port = first.address
     guard = ctx.guard_of(first)
     for n in range(100):
+        ctx.check_cancelled()
         if n == 0:
             server: Any = first
         else:
@@ -457,6 +465,7 @@ def _s4_command(ctx: Context) -> None:
         )
     port = free_port()
     for n in range(100):
+        ctx.check_cancelled()
         try:
             handle = command_handle(command, ctx.target.claimed(ctx.options), ctx.options, port=port)
         except RuntimeError as err:

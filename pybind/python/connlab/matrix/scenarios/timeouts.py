@@ -38,7 +38,9 @@ def timed_partial_frame(ctx: Context, server: Handle, sent: bytes) -> None:
     truncated_once(ctx, server, peer, before, "read_timeout")
 
 
-@scenario("T1", "timeout", "connect, send nothing", budget=10, needs=("idle_timeout",))
+@scenario(
+    "T1", "timeout", "connect, send nothing", budget=10, needs=("idle_timeout",), waits=("idle_timeout",)
+)
 def t1(ctx: Context) -> None:
     server = ctx.server()
     limit = timeout_of(ctx, server, "idle_timeout")
@@ -54,13 +56,25 @@ def t1(ctx: Context) -> None:
     expect_reason(ctx, server, peer, "idle_timeout")
 
 
-@scenario("T2", "timeout", "3 of 4 header bytes, then silence", budget=10, needs=("read_timeout", "framing"))
+@scenario(
+    "T2",
+    "timeout",
+    "3 of 4 header bytes, then silence",
+    budget=10,
+    needs=("read_timeout", "framing"),
+    waits=("read_timeout",),
+)
 def t2(ctx: Context) -> None:
     timed_partial_frame(ctx, ctx.server(), b"\x00\x00\x00")
 
 
 @scenario(
-    "T3", "timeout", "header and half the body, then silence", budget=10, needs=("read_timeout", "framing")
+    "T3",
+    "timeout",
+    "header and half the body, then silence",
+    budget=10,
+    needs=("read_timeout", "framing"),
+    waits=("read_timeout",),
 )
 def t3(ctx: Context) -> None:
     server = ctx.server()
@@ -76,6 +90,7 @@ def t3(ctx: Context) -> None:
     "one byte every read_timeout/4 (slowloris)",
     budget=20,
     needs=("read_timeout", "framing"),
+    waits=("read_timeout",),
 )
 def t4(ctx: Context) -> None:
     server = ctx.server()
@@ -120,7 +135,9 @@ def t4(ctx: Context) -> None:
     truncated_once(ctx, server, peer, before, "read_timeout")
 
 
-@scenario("T5", "timeout", "pipelines frames and never reads (slow reader)", budget=30)
+@scenario(
+    "T5", "timeout", "pipelines frames and never reads (slow reader)", budget=30, waits=("write_timeout",)
+)
 def t5(ctx: Context) -> None:
     server = ctx.server()
     limit = float(server.kwargs.get("write_timeout") or 0)
