@@ -83,9 +83,20 @@ pub fn assert_conservation(s: &Stats) {
     assert_eq!(s.by_state.iter().sum::<u64>(), s.active, "sum(by_state) == active: {s:?}");
 }
 
-/// Open fds of this process (the test binary).
-pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+/// Open fds of this process (the test binary), each with what it refers to
+/// (`socket:[inode]`, `anon_inode:[eventpoll]`...), so a new fd is told apart
+/// from an old one that reuses its number. The directory's own fd is left out.
+pub fn open_fds() -> std::collections::BTreeSet<(String, String)> {
+    let listing = format!("/proc/{}/fd", std::process::id());
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let target = std::fs::read_link(&path).ok()?.to_string_lossy().into_owned();
+            let fd = path.file_name()?.to_string_lossy().into_owned();
+            (target != listing).then_some((fd, target))
+        })
+        .collect()
 }
 
 /// Runs `test` once per backend, naming the backend if it panics.

@@ -150,8 +150,9 @@ def pump_until_writing(ctx: Context, handle: Handle, sock: socket.socket, peer: 
                     return
             check(
                 time.monotonic() < deadline,
-                f"server never showed Writing with a {deep} B queue or with the client's sends "
-                f"refused: {conn}",
+                f"client {peer[:2]}: in 2 s the server never showed its connection Writing with a "
+                f"{deep} B queue or with the client's sends refused; last seen: "
+                + (str(conn) if conn else "not among its connections()"),
             )
             try:
                 offset = (offset + sock.send(stream[offset:])) % len(stream)
