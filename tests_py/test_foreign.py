@@ -172,8 +172,9 @@ def test_a_fork_per_connection_server_is_seen_whole(tmp_path: Path) -> None:
 
 def test_a_server_that_logs_every_reset_is_not_blocked_by_its_own_stderr(tmp_path: Path) -> None:
     out = tmp_path / "m.json"
-    code, text = matrix("--serve-cmd", foreign("--log-resets"), "--only", "U3", "--json", str(out))
-    assert code == 0 and results(out)["U3"][0] == "pass", text
+    # Undrained, its stderr pipe filled within about 80 cycles and every churn row failed.
+    code, text = matrix("--serve-cmd", foreign("--log-resets"), "--only", "U3,L1", "--json", str(out))
+    assert code == 0 and {s for s, _ in results(out).values()} == {"pass"}, text
 
 
 def test_a_row_past_its_budget_fails_and_the_run_goes_on(tmp_path: Path) -> None:
