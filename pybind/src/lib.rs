@@ -1,5 +1,5 @@
-//! PyO3 module `connlab._native`: the connlab servers and the load generator
-//! for Python.
+//! PyO3 module `connlab._native`: the connlab servers, the load generator
+//! and the fault-injecting proxy for Python.
 //!
 //! Thin on purpose: argument conversion and validation, one error conversion
 //! (`NativeError`), and dict/tuple views of the registry and of load
@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
 mod load;
+mod proxy;
 
 /// The one conversion from the servers' error to a Python exception:
 /// `ValueError` for bad arguments, `OSError` (with errno) for syscalls; the
@@ -268,12 +269,13 @@ impl Drop for PyServer {
 }
 
 /// The native module: `Server`, the names of backends, states and reasons,
-/// and the load generator's `load_*` functions.
+/// the load generator's `load_*` functions, and the fault-injecting `Proxy`.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PyServer>()?;
     load::register(m)?;
+    proxy::register(m)?;
     m.add("BACKENDS", PyTuple::new(py, BackendKind::ALL.map(BackendKind::name))?)?;
     m.add("STATES", PyTuple::new(py, State::ALL.map(State::name))?)?;
     m.add("CLOSE_REASONS", PyTuple::new(py, CloseReason::ALL.map(CloseReason::name))?)?;

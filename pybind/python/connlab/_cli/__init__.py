@@ -1,6 +1,6 @@
 """The `connlab` command line: the parser of every command, and how a stop signal ends one.
 
-Commands live in their modules: `serve`, `matrix`, and `measure` (bench, compare, soak);
+Commands live in their modules: `serve`, `proxy`, `matrix`, and `measure` (bench, compare, soak);
 `options` holds the argparse types and option groups they share."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from connlab._cli import measure, serve
+from connlab._cli import measure, proxy, serve
 from connlab._cli.matrix import add_matrix_parser, run_matrix
 
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parser(sub)
+    proxy.add_parser(sub)
     add_matrix_parser(sub, run_matrix)
     measure.add_parsers(sub)
     return parser
@@ -40,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command. SIGINT exits 130 and SIGTERM 143, with one line and no traceback, once
-    the command has cleaned up; `serve` waits for both signals itself and stops gracefully."""
+    the command has cleaned up; `serve` and `proxy` wait for both signals themselves and stop."""
     args = build_parser().parse_args(argv)
-    if args.command != "serve":
+    if args.command not in ("serve", "proxy"):
         signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))

@@ -19,6 +19,7 @@ from connlab import probe
 from connlab._native import BACKENDS, Server
 from connlab.client import connect
 from connlab.process import LeakGuard, ServeProcess, Stopped, accepts, connlab_serve_argv
+from connlab.proxy import Proxy
 
 IN_PROCESS = "in-process"
 COMMAND = "command"
@@ -422,6 +423,8 @@ class Context:
     handles: list[Handle] = field(default_factory=list)
     sockets: list[socket.socket] = field(default_factory=list)
     guards: list[tuple[LeakGuard, Handle]] = field(default_factory=list)
+    #: Fault-injecting proxies the scenario put in front of its servers (closed at its end).
+    proxies: list[Proxy] = field(default_factory=list)
     #: Set when the row is aborted: long loops (churn) end at their next step.
     cancelled: threading.Event = field(default_factory=threading.Event)
     _started_s: float = 0.0
@@ -473,6 +476,13 @@ class Context:
         if self.cancelled.is_set():
             raise Failed("the row was aborted")
 
+    def proxy(self, handle: Handle, seed: int | None = None) -> Proxy:
+        """A `connlab.proxy.Proxy` in front of `handle`, closed at the end of the scenario
+        (before the leak guards look: it runs in this process)."""
+        proxy = Proxy(handle.address, seed=seed)
+        self.proxies.append(proxy)
+        return proxy
+
     def guard_of(self, handle: Handle) -> LeakGuard:
         """The leak guard put around `handle`."""
         return next(guard for guard, h in self.guards if h is handle)
@@ -510,6 +520,8 @@ class Context:
         for sock in self.sockets:
             with suppress(OSError):
                 sock.close()
+        for proxy in self.proxies:
+            proxy.close()
         problems = []
         for guard, handle in self.guards:
             if isinstance(handle, ChildHandle):
@@ -532,6 +544,9 @@ class Context:
         """After the budget ran out: ends every server the scenario started at once and closes
         its clients, so its thread fails out of whatever it waits for."""
         self.cancelled.set()
+        for proxy in self.proxies:
+            with suppress(Exception):
+                proxy.close()
         for handle in self.handles:
             with suppress(Exception):
                 handle.kill()
@@ -766,8 +781,9 @@ def select(ids: list[str] | None = None) -> list[Scenario]:
 
 
 def order_key(scenario_id: str) -> tuple[int, int]:
-    """MATRIX.md order: happy, error, half-close, churn, leak, timeout, phantom/capacity, shutdown."""
-    prefixes = "HECULTPS"
+    """MATRIX.md order: happy, error, half-close, churn, leak, timeout, phantom/capacity, faults,
+    shutdown."""
+    prefixes = "HECULTPFS"
     head, number = scenario_id[0], scenario_id[1:]
     return (
         prefixes.index(head) if head in prefixes else len(prefixes),

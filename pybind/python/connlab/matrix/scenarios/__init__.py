@@ -3,6 +3,7 @@
 from connlab.matrix.scenarios import (  # noqa: F401 - imported for their registrations
     churn,
     errors,
+    faults,
     halfclose,
     happy,
     leak,
