@@ -136,6 +136,11 @@ impl Chain {
         self.held
     }
 
+    /// No toxic and nothing held: bytes read may be written straight on.
+    pub(crate) fn passthrough(&self) -> bool {
+        self.stages.is_empty() && self.held == 0
+    }
+
     /// Takes an item from the source; the next [`Chain::advance`] moves it.
     pub(crate) fn push(&mut self, item: Item) {
         self.held += item.len();

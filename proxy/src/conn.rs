@@ -9,12 +9,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::chain::{Action, Chain, Item, Next};
 use crate::proxy::Shared;
 use crate::stats::Held;
-use crate::toxic::Stream;
+use crate::toxic::{Entry, Stream};
 
 /// The most bytes one read takes: one chunk.
 const CHUNK: usize = 32 * 1024;
@@ -87,7 +90,7 @@ pub(crate) async fn serve(mut sockets: Sockets, number: u64) {
     let _ = sockets.client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let server = sockets.server.insert(server);
-    let ending = relay(&sockets.client, server, number, &shared).await;
+    let ending = relay(&mut sockets.client, server, number, &shared).await;
     if ending == Ending::Fin {
         // FIN first: a close with unread input would send only an RST.
         let _ = SockRef::from(&sockets.client).shutdown(Shutdown::Write);
@@ -98,9 +101,11 @@ pub(crate) async fn serve(mut sockets: Sockets, number: u64) {
 
 /// Runs both directions until both have half-closed, or one ends the
 /// connection.
-async fn relay(client: &TcpStream, server: &TcpStream, number: u64, shared: &Shared) -> Ending {
-    let up = pump(client, server, Stream::Upstream, number, shared);
-    let down = pump(server, client, Stream::Downstream, number, shared);
+async fn relay(client: &mut TcpStream, server: &mut TcpStream, number: u64, shared: &Shared) -> Ending {
+    let (client_in, client_out) = client.split();
+    let (server_in, server_out) = server.split();
+    let up = pump(client_in, server_out, Stream::Upstream, number, shared);
+    let down = pump(server_in, client_out, Stream::Downstream, number, shared);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     loop {
@@ -125,7 +130,13 @@ async fn relay(client: &TcpStream, server: &TcpStream, number: u64, shared: &Sha
 /// out to `dst`, and carries out what it says. A read or write error ends
 /// the connection with an RST: the peer that failed is gone, and the other
 /// one should not take the cut stream for a whole one.
-async fn pump(src: &TcpStream, dst: &TcpStream, stream: Stream, number: u64, shared: &Shared) -> Ending {
+async fn pump(
+    mut src: ReadHalf<'_>,
+    dst: WriteHalf<'_>,
+    stream: Stream,
+    number: u64,
+    shared: &Shared,
+) -> Ending {
     let counters = shared.counters.dir(stream);
     let mut held = Held::new(&counters.bytes_held);
     let mut chain = Chain::new(shared.seed, number);
@@ -136,10 +147,8 @@ async fn pump(src: &TcpStream, dst: &TcpStream, stream: Stream, number: u64, sha
     let mut changed = true;
     loop {
         let now = Instant::now();
-        if changed {
-            let list = toxics.borrow_and_update();
-            let live: Vec<_> = list.iter().filter(|e| e.toxic.stream == stream).collect();
-            chain.sync(&live, now);
+        if changed || toxics.has_changed().unwrap_or(false) {
+            sync(&mut chain, &mut toxics, stream, now);
         }
         let step = chain.advance(now);
         held.set(chain.held());
@@ -163,7 +172,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, stream: Stream, number: u64, sha
                     Err(_) => return Ending::Reset,
                 },
                 Some(Next::Eof) => {
-                    let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+                    let _ = SockRef::from(dst.as_ref()).shutdown(Shutdown::Write);
                     return Ending::HalfClosed;
                 }
                 Some(Next::End) => return Ending::Fin,
@@ -176,7 +185,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream, stream: Stream, number: u64, sha
         changed = false;
         tokio::select! {
             biased;
-            result = toxics.changed(), if toxics_open => match result {
+            // Waited on only while a toxic acts: with none, a change is seen
+            // when the next chunk comes (`has_changed`), which saves the
+            // watch's lock on every read.
+            result = toxics.changed(), if toxics_open && !chain.passthrough() => match result {
                 Ok(()) => changed = true,
                 Err(_) => toxics_open = false,
             },
@@ -186,22 +198,30 @@ async fn pump(src: &TcpStream, dst: &TcpStream, stream: Stream, number: u64, sha
                     return Ending::Reset;
                 }
             }
-            result = src.readable(), if reading => {
-                if result.is_err() {
-                    return Ending::Reset;
-                }
-                match src.try_read(&mut buf) {
+            // An async read, not `readable` + `try_read`: a short read clears
+            // the readiness, which saves a read that would only say EAGAIN.
+            result = src.read(&mut buf), if reading => {
+                match result {
                     Ok(0) => {
                         src_open = false;
                         chain.push(Item::Eof);
                     }
                     Ok(n) => {
                         counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                        chain.push(Item::Data { bytes: buf[..n].to_vec(), arrival: Instant::now() });
-                        held.set(chain.held());
+                        // Without a toxic the chunk goes straight on; only what the
+                        // destination does not take now is held (and copied).
+                        if toxics.has_changed().unwrap_or(false) {
+                            sync(&mut chain, &mut toxics, stream, Instant::now());
+                        }
+                        let sent = if chain.passthrough() { write_now(&dst, &buf[..n]) } else { Ok(0) };
+                        let Ok(sent) = sent else { return Ending::Reset };
+                        counters.bytes_out.fetch_add(sent as u64, Ordering::Relaxed);
+                        if sent < n {
+                            chain.push(Item::Data { bytes: buf[sent..n].to_vec(), arrival: Instant::now() });
+                            held.set(chain.held());
+                        }
                     }
-                    // Readiness was stale (tokio cleared it) or a signal came.
-                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => return Ending::Reset,
                 }
             }
@@ -210,4 +230,25 @@ async fn pump(src: &TcpStream, dst: &TcpStream, stream: Stream, number: u64, sha
             else => std::future::pending().await,
         }
     }
+}
+
+/// Brings `chain` in step with the proxy's toxics of `stream`.
+fn sync(chain: &mut Chain, toxics: &mut watch::Receiver<Vec<Entry>>, stream: Stream, now: Instant) {
+    let list = toxics.borrow_and_update();
+    let live: Vec<_> = list.iter().filter(|e| e.toxic.stream == stream).collect();
+    chain.sync(&live, now);
+}
+
+/// Writes as much of `bytes` to `dst` as it takes without blocking.
+fn write_now(dst: &WriteHalf<'_>, bytes: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        match dst.try_write(&bytes[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sent)
 }
