@@ -24,7 +24,7 @@ CONNLAB = [sys.executable, "-m", "connlab"]
 
 def test_help_lists_every_command() -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"serve", "matrix", "bench", "compare", "soak"}
+    assert set(sub.choices) == {"serve", "proxy", "matrix", "bench", "compare", "soak"}
     run = subprocess.run([*CONNLAB, "--help"], capture_output=True, text=True, timeout=30, check=True)
     for command in sub.choices:
         assert f"\n    {command} " in run.stdout, command

@@ -309,3 +309,28 @@ def test_start_up_is_not_charged_to_the_row_budget(tmp_path: Path) -> None:
     slow = f"sh -c {shlex.quote('sleep 2; exec ' + foreign())}"
     code, text = matrix("--serve-cmd", slow, "--only", "H1", "--scenario-timeout", "0.01", "--json", str(out))
     assert code == 0 and results(out)["H1"][0] == "pass", text
+
+
+def test_fault_rows_find_the_phantoms_of_a_server_without_timeouts(tmp_path: Path) -> None:
+    """A client that vanishes (no FIN, no RST) stays with a server that has no timeouts: F1-F3
+    fail saying so; a partition that heals (F4) and a reset mid-answer (F6) it survives."""
+    out = tmp_path / "m.json"
+    code, text = matrix("--serve-cmd", foreign(), "--only", "F1,F2,F3,F4,F6", "--json", str(out))
+    got = results(out)
+    assert code == 1, text
+    for row, feature in (("F1", "idle timeout"), ("F2", "read timeout"), ("F3", "write timeout")):
+        status, detail = got[row]
+        assert status == "fail" and f"it claims no {feature}: a client that vanishes" in detail, (row, detail)
+        assert "stays a phantom forever" in detail
+    assert got["F4"][0] == got["F6"][0] == "pass", got
+
+
+def test_a_partition_longer_than_the_real_timeout_fails_f4(tmp_path: Path) -> None:
+    """broken_servers' echo idles out at 0.5 s; claimed 2 s, F4's partition (1 s) outlasts it."""
+    out = tmp_path / "m.json"
+    broken = shlex.join([sys.executable, str(Path(__file__).with_name("broken_servers.py")), "echo"])
+    claims = ("--idle-timeout", "2", "--read-timeout", "2", "--write-timeout", "2")
+    code, text = matrix("--serve-cmd", broken, "--only", "F4", "--json", str(out), *claims)
+    status, detail = results(out)["F4"]
+    assert code == 1 and status == "fail", text
+    assert "did not survive a 1.00 s partition, shorter than every claimed timeout" in detail, detail

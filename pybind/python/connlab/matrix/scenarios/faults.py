@@ -196,8 +196,14 @@ def f4(ctx: Context) -> None:
     send("during", 10)
     _quiet(client, pause)
     heal(proxy)
-    send("after", 10)
-    got += [read_frame(client) for _ in range(20)]
+    try:
+        send("after", 10)
+        got += [read_frame(client) for _ in range(20)]
+    except (OSError, EOFError) as err:
+        raise Failed(
+            f"the connection did not survive a {pause:.2f} s partition, shorter than every claimed "
+            f"timeout: {type(err).__name__}: {err} after {len(got)} of 30 answers"
+        ) from None
     check(got == sent, f"frames lost, doubled or out of order across a {pause:.2f} s partition")
     check(held(server) == 1, "the server dropped the connection during a partition shorter than its timeouts")
     ctx.note(f"partition of {pause:.2f} s healed; 30 frames each answered once, in order")
