@@ -10,7 +10,7 @@ the parent and outlive it, as orphans of such servers do. `--sigterm default` di
 `--sigterm exit` exits 0, `--sigterm crash` aborts (a crash at stop). `--log-resets` writes one
 long stderr line per connection reset by peer; `--log-time` prints a timestamped line before the
 address; `--late-fds` opens a pipe 0.3 s after it (a server still starting); `--backlog` sets the
-listen backlog.
+listen backlog; `--one-read-frames` takes each read for whole frames (loses a split frame).
 """
 
 from __future__ import annotations
@@ -193,6 +193,11 @@ class Server:
         c.bytes_in += len(data)
         if self.args.byte_echo:
             c.outbuf += data
+        elif self.args.one_read_frames:
+            # The classic bug: each read taken for whole frames; a frame split across reads is lost.
+            whole = bytearray(data)
+            answer = take_frames(whole)
+            c.outbuf += answer if not whole else b""
         else:
             c.inbuf += data
             c.outbuf += take_frames(c.inbuf)
@@ -247,6 +252,11 @@ def main() -> None:
     p.add_argument("--backlog", type=int, default=512, help="listen backlog (default %(default)s)")
     p.add_argument("--log-time", action="store_true", help="print a HH:MM:SS log line before the address")
     p.add_argument("--late-fds", action="store_true", help="open a pipe 0.3 s after printing the address")
+    p.add_argument(
+        "--one-read-frames",
+        action="store_true",
+        help="take each read for whole frames (a frame split is lost)",
+    )
     p.add_argument(
         "--quiet", action="store_true", help="do not print the listening line (--log-resets still logs)"
     )

@@ -334,3 +334,13 @@ def test_a_partition_longer_than_the_real_timeout_fails_f4(tmp_path: Path) -> No
     status, detail = results(out)["F4"]
     assert code == 1 and status == "fail", text
     assert "did not survive a 1.00 s partition, shorter than every claimed timeout" in detail, detail
+
+
+def test_a_server_that_takes_a_read_for_a_frame_fails_f5_and_passes_h1(tmp_path: Path) -> None:
+    """On a loopback every small frame comes in one read; in 1-byte slices it never does."""
+    out = tmp_path / "m.json"
+    code, text = matrix("--serve-cmd", foreign("--one-read-frames"), "--only", "H1,F5", "--json", str(out))
+    got = results(out)
+    assert code == 1 and got["H1"][0] == "pass", text
+    status, detail = got["F5"]
+    assert status == "fail" and detail.startswith("Failed: through the slow network: H1: "), detail

@@ -431,8 +431,22 @@ impl Stage {
                     continue;
                 };
                 let span = (*variation as u64).saturating_mul(2).saturating_add(1);
-                let size = (*average - *variation).saturating_add(self.rng.below(span) as usize);
-                out.push(Item::Data { bytes: split_front(bytes, size), arrival: *arrival });
+                let mut size = (*average - *variation).saturating_add(self.rng.below(span) as usize);
+                if delay.is_zero() {
+                    // No pause between slices: cut the whole chunk now, each slice copied
+                    // out of it, so 1-byte slices of 32 KiB cost O(chunk) and not the
+                    // O(chunk²) of a `split_off` per slice (half a second per chunk).
+                    let mut at = 0;
+                    while at < bytes.len() {
+                        let end = bytes.len().min(at.saturating_add(size));
+                        out.push(Item::Data { bytes: bytes[at..end].to_vec(), arrival: *arrival });
+                        at = end;
+                        size = (*average - *variation).saturating_add(self.rng.below(span) as usize);
+                    }
+                    bytes.clear();
+                } else {
+                    out.push(Item::Data { bytes: split_front(bytes, size), arrival: *arrival });
+                }
                 if bytes.is_empty() {
                     queue.pop_front();
                 }

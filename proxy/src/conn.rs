@@ -185,10 +185,9 @@ async fn pump(
         changed = false;
         tokio::select! {
             biased;
-            // Waited on only while a toxic acts: with none, a change is seen
-            // when the next chunk comes (`has_changed`), which saves the
-            // watch's lock on every read.
-            result = toxics.changed(), if toxics_open && !chain.passthrough() => match result {
+            // Always waited on: a toxic added to an idle connection (a reset
+            // or a timeout on its clock) must act without waiting for data.
+            result = toxics.changed(), if toxics_open => match result {
                 Ok(()) => changed = true,
                 Err(_) => toxics_open = false,
             },

@@ -171,6 +171,21 @@ fn reset_peer_resets_the_client() {
 }
 
 #[test]
+fn reset_peer_added_to_an_idle_connection_fires_without_data() {
+    let upstream = Upstream::echo();
+    let proxy = proxy(&upstream, Some(1));
+    let mut client = connect(&proxy);
+    round_trip(&mut client);
+    // Nothing flows from now on: the toxic must act on its own clock.
+    proxy.add_toxic(toxic("rst", Stream::Downstream, ToxicKind::ResetPeer { timeout: ms(50) })).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0; 1];
+    let err = client.read(&mut buf).expect_err("an RST");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    wait_quiet(&proxy);
+}
+
+#[test]
 fn timeout_zero_holds_silently_then_releases_in_order() {
     let upstream = Upstream::manual();
     let proxy = proxy(&upstream, Some(1));

@@ -120,9 +120,10 @@ def _assumed(ctx: Context, feature: str, value: float) -> str:
 def timed_eof(
     ctx: Context, sock: socket.socket, started: float, feature: str, timeout: float
 ) -> float | None:
-    """Reads until EOF (an RST fails) for up to 2T + 0.25 s; returns seconds since `started`, or
-    None with a warning (a SHOULD: the claimed timeout is late) if no close came by then."""
-    limit = 2 * timeout + 0.25
+    """Reads until EOF (an RST fails) for up to 2T + 0.25 s (plus the delay a proxy adds);
+    returns seconds since `started`, or None with a warning (a SHOULD: the claimed timeout is
+    late) if no close came by then."""
+    limit = 2 * timeout + 0.25 + ctx.delay
     sock.settimeout(max(0.0, started + limit - time.monotonic()))
     try:
         while sock.recv(65536):
@@ -136,10 +137,12 @@ def timed_eof(
 
 
 def within_timeout_window(ctx: Context, elapsed: float, feature: str, timeout: float, what: str) -> None:
-    """MATRIX.md: a timed close happens at t in [T, 2T + 0.25 s]; outside it is a warning."""
+    """MATRIX.md: a timed close happens at t in [T, 2T + 0.25 s] (+ the delay a proxy adds);
+    outside it is a warning."""
+    late = 2 * timeout + 0.25 + ctx.delay
     ctx.should(
-        timeout <= elapsed <= 2 * timeout + 0.25,
-        f"{what}: closed after {elapsed:.3f} s, expected within [{timeout}, {2 * timeout + 0.25:.2f}] s"
+        timeout <= elapsed <= late,
+        f"{what}: closed after {elapsed:.3f} s, expected within [{timeout}, {late:.2f}] s"
         + _assumed(ctx, feature, timeout),
     )
 
@@ -178,13 +181,13 @@ def still_serves(ctx: Context, handle: Handle, what: str) -> None:
 def accepted_socket(handle: Handle, client: socket.socket) -> int:
     """The inode of the server's socket for `client`, once some process accepted it: read from
     the kernel's sockets on the server's port, so a server that forks per connection is seen."""
-    port, mine = handle.address[1], client.getsockname()[1]
+    port, mine = handle.port, client.getsockname()[1]
     return wait_until(lambda: probe.accepted_socket(port, mine), what="the server accepted the connection")
 
 
 def wait_fd_closed(handle: Handle, inode: int) -> None:
     """Waits until no process holds the server's socket `inode` any more (every copy closed)."""
-    port = handle.address[1]
+    port = handle.port
     wait_until(
         lambda: all(i != inode for _, i, _ in probe.server_sockets(port)),
         what=f"the server closed its socket {inode}",
@@ -222,7 +225,7 @@ def kernel_counts(handle: Handle) -> dict[str, int | None]:
     """What the kernel shows of the server's port: "owned", the sockets its process tree holds
     (None without a pid); "held", those any process holds (the kernel gives a socket an inode
     when it is accepted); "established" and "close_wait" by state."""
-    sockets = probe.server_sockets(handle.address[1])
+    sockets = probe.server_sockets(handle.port)
     mine = probe.tree_socket_inodes(handle.pid) if handle.pid is not None else None
     return {
         "owned": None if mine is None else sum(1 for _, inode, _ in sockets if inode in mine),
@@ -263,7 +266,7 @@ def quiescent_stats(handle: Handle, n: int | None = None, timeout: float = 2.0) 
     Polled for `timeout` s. A slow acceptor (a thread per connection) can be between two
     accepts with nothing registered while connections still wait in its queue: `active == 0`
     alone is no quiescence."""
-    port = handle.address[1]
+    port = handle.port
     seen: dict[str, Any] = {}
     since = [(-1, -1), time.monotonic()]
 
@@ -328,7 +331,7 @@ def accept_pacer(handle: Handle, before: dict[str, Any] | None) -> Callable[[int
     drops. With the server's stats: at most `PACE_LAG` connections ahead of its `accepted`,
     checked every `PACE_EVERY` cycles; without: a connect only when it fits in the listener's
     accept queue (its length and backlog read through sock_diag). None when neither is known."""
-    port = handle.address[1]
+    port = handle.port
     if before is None:
         if probe.listen_queue(port) is None:
             return None

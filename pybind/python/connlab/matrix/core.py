@@ -173,6 +173,11 @@ class Handle:
     pid: int | None
     kwargs: dict[str, Any]
 
+    @property
+    def port(self) -> int:
+        """The server's own port (where the kernel shows its sockets)."""
+        return self.address[1]
+
     def stats(self) -> dict[str, Any] | None:
         return None
 
@@ -273,6 +278,32 @@ class ChildHandle(Handle):
     def kill(self) -> None:
         self.process.kill()
         self.process.close()
+
+
+class ProxiedHandle(Handle):
+    """A server seen through a fault-injecting proxy: clients connect to the proxy. Its counters
+    are the server's; its journal and `connections()` are not offered, since the server sees the
+    proxy's sockets, not the clients'."""
+
+    def __init__(self, inner: Handle, proxy: Proxy) -> None:
+        self.inner = inner
+        self.address = proxy.address
+        self.pid = inner.pid
+        self.kwargs = inner.kwargs
+
+    @property
+    def port(self) -> int:
+        return self.inner.port
+
+    def stats(self) -> dict[str, Any] | None:
+        return self.inner.stats()
+
+    def stop(self, grace: float = 1.0) -> dict[str, Any]:
+        return self.inner.stop(grace)
+
+    @property
+    def stoppable(self) -> bool:
+        return self.inner.stoppable
 
 
 class ExternalHandle(Handle):
@@ -425,6 +456,10 @@ class Context:
     guards: list[tuple[LeakGuard, Handle]] = field(default_factory=list)
     #: Fault-injecting proxies the scenario put in front of its servers (closed at its end).
     proxies: list[Proxy] = field(default_factory=list)
+    #: Toxics every server of this scenario is seen through (`server()` puts a proxy in front),
+    #: as `Proxy.add_toxic` keyword arguments, and the delay they add to a timed close, in s.
+    via: tuple[dict[str, Any], ...] = ()
+    delay: float = 0.0
     #: Set when the row is aborted: long loops (churn) end at their next step.
     cancelled: threading.Event = field(default_factory=threading.Event)
     _started_s: float = 0.0
@@ -441,7 +476,12 @@ class Context:
             guard.pid = handle.pid
             guard.baseline(settle=SETTLE)  # once the server has finished starting
         self.guards.append((guard, handle))
-        return handle
+        if not self.via:
+            return handle
+        proxy = self.proxy(handle)
+        for toxic in self.via:
+            proxy.add_toxic(**toxic)
+        return ProxiedHandle(handle, proxy)
 
     def child_server(self, overrides: dict[str, Any], nofile: int | None = None) -> ChildHandle:
         """The target's server in a child process (`Target.child`), inside the leak guard: its
@@ -689,7 +729,7 @@ def run_one(sc: Scenario, target: Target, options: Options) -> Result:
     ctx = Context(target=target, options=options)
     outcome: list[tuple[str, str, list[str]]] = []
     worker = threading.Thread(
-        target=lambda: outcome.append(_run_in_guard(sc, ctx)), name=f"matrix-{sc.id}", daemon=True
+        target=lambda: outcome.append(run_in_guard(sc, ctx)), name=f"matrix-{sc.id}", daemon=True
     )
     budget = sc.budget_for(options)
     worker.start()
@@ -722,7 +762,7 @@ def run_one(sc: Scenario, target: Target, options: Options) -> Result:
     return Result(sc.id, target.name, status, time.monotonic() - started, detail)
 
 
-def _run_in_guard(sc: Scenario, ctx: Context) -> tuple[str, str, list[str]]:
+def run_in_guard(sc: Scenario, ctx: Context) -> tuple[str, str, list[str]]:
     """The scenario, then its clean-up and leak guards, on the scenario's own thread (so a thread
     of the matrix never counts as one of an in-process server's)."""
     status, detail = PASS, ""

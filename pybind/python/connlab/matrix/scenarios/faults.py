@@ -22,7 +22,7 @@ from connlab.matrix.checks import (
     stats_delta,
     wait_held,
 )
-from connlab.matrix.core import Context, Failed, Handle, check, scenario
+from connlab.matrix.core import FAIL, SCENARIOS, Context, Failed, Handle, check, run_in_guard, scenario
 from connlab.proxy import Proxy
 
 #: How long a server without the timeout a row needs is given to close a vanished client
@@ -231,3 +231,53 @@ def f6(ctx: Context) -> None:
     if before is not None and after is not None:
         reasons = {r: stats_delta(before, after, "closed_by", r) for r in after["closed_by"]}
         check(reasons.get("reset", 0) == 1, f"close reasons {reasons}, expected reset")
+
+
+#: F5's network: 20 ± 5 ms each way, and the client's bytes cut into 1-byte slices.
+SLOW_NETWORK = (
+    {"name": "f5-latency-up", "type": "latency", "stream": "upstream", "latency": 20, "jitter": 5},
+    {"name": "f5-latency-down", "type": "latency", "stream": "downstream", "latency": 20, "jitter": 5},
+    {"name": "f5-slicer", "type": "slicer", "stream": "upstream", "average_size": 1, "size_variation": 0},
+)
+#: What F5's network adds to a timed close seen by the client: the worst latency each way.
+SLOW_NETWORK_DELAY = 0.05
+#: The rows F5 runs through it: happy paths, half-close, timeouts. Left out: H2 (a 1 MiB frame
+#: in 1-byte slices takes longer than the read_timeout a server is right to apply to it) and T5
+#: (the proxy's own buffer would be part of the backpressure it measures).
+F5_ROWS = ("H1", "H3", "H4", "H5", "C1", "C3", "T1", "T2", "T3", "T4")
+
+
+@scenario(
+    "F5",
+    "fault",
+    "happy, half-close and timeout rows through latency 20 ± 5 ms and a 1-byte slicer",
+    budget=120,
+    waits=("idle_timeout", "read_timeout"),
+)
+def f5(ctx: Context) -> None:
+    failed, skipped = [], []
+    for sid in F5_ROWS:
+        sc = SCENARIOS[sid]
+        if unclaimed := [f for f in sorted(sc.needs) if not ctx.options.claims(f)]:
+            skipped.append(f"{sid} ({ctx.options.unclaimed(unclaimed[0])})")
+            continue
+        ctx.check_cancelled()
+        row = Context(
+            target=ctx.target,
+            options=ctx.options,
+            via=SLOW_NETWORK,
+            delay=SLOW_NETWORK_DELAY,
+            cancelled=ctx.cancelled,
+        )
+        status, detail, leaks = run_in_guard(sc, row)
+        if leaks:
+            status, detail = FAIL, f"{detail}; leak: {', '.join(leaks)}".lstrip("; ")
+        if status == FAIL:
+            failed.append(f"{sid}: {detail}")
+        for warning in row.warnings:
+            ctx.should(False, f"{sid}: {warning}")
+    check(not failed, "through the slow network: " + "; ".join(failed))
+    ran = len(F5_ROWS) - len(skipped)
+    ctx.note(f"{ran} rows passed through it (timed windows widened by {SLOW_NETWORK_DELAY * 1000:.0f} ms)")
+    if skipped:
+        ctx.note("n/a: " + ", ".join(skipped))
