@@ -343,4 +343,6 @@ def test_a_server_that_takes_a_read_for_a_frame_fails_f5_and_passes_h1(tmp_path:
     got = results(out)
     assert code == 1 and got["H1"][0] == "pass", text
     status, detail = got["F5"]
-    assert status == "fail" and detail.startswith("Failed: through the slow network: H1: "), detail
+    # Which rows break depends on how the slices coalesce in the server's reads; some always do.
+    assert status == "fail" and detail.startswith("Failed: through the slow network: H"), detail
+    assert "TimeoutError: timed out (in recv_exact" in detail, detail

@@ -258,4 +258,4 @@ def test_whole_matrix_against_a_running_server_with_pid(tmp_path: Path) -> None:
     skipped = {r["scenario"] for r in results if r["status"] == "skip"}
     # What needs the matrix to stop, restart or relaunch the server, or to configure it.
     assert skipped == {"C2", "L2", "P2", "P3", "S1", "S2", "S3", "S4"}, skipped
-    assert len(results) == 36
+    assert len(results) == 37
