@@ -66,6 +66,27 @@ def test_bench_smoke_measures_every_workload_on_every_backend(tmp_path: Path) ->
     assert data["summary"]["idle"]["epoll"]["rss_per_conn_bytes"]["median"] > 0
 
 
+def test_bench_proxy_measures_each_backend_through_the_proxy_beside_it_direct(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    tiny = [*TINY[: TINY.index("--connections")], "--connections", "100", "--idle-steps", "0,20"]
+    run = connlab("bench", "--backends", "epoll", *tiny, "--proxy", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    c100 = data["summary"]["closed64-c100"]
+    direct, proxied = c100["epoll"], c100["epoll+proxy"]
+    assert direct["frames_per_s"]["median"] > 0 and proxied["frames_per_s"]["median"] > 0
+    assert not any(direct["errors"].values()) and not any(proxied["errors"].values())
+    # The proxy's own CPU is measured beside the server's, and only where it was in the way.
+    assert proxied["proxy_cpu_pct"]["median"] > 0 and "proxy_cpu_pct" not in direct
+    # Idle memory is the server's alone: not measured again through the proxy.
+    assert "rss_per_conn_bytes" not in data["summary"]["idle"]["epoll+proxy"]
+    [target] = [t for t in data["targets"] if "through the proxy" in t["label"]]
+    assert target["value"] == pytest.approx(
+        proxied["frames_per_s"]["median"] / direct["frames_per_s"]["median"]
+    )
+    assert "epoll+proxy" in run.stdout and "proxy CPU %" in run.stdout
+
+
 def test_compare_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
     run = connlab("compare", "--backends", "epoll,tokio", *TINY, "--scenarios", "H1,H3", "--out", str(out))

@@ -25,11 +25,13 @@ fn latency_delays_one_direction_from_arrival() {
     let latency = ToxicKind::Latency { latency: ms(50), jitter: ms(0) };
     proxy.add_toxic(toxic("lag", Stream::Downstream, latency)).unwrap();
     let mut client = connect(&proxy);
-    let mut rtts: Vec<_> = (0..15).map(|_| round_trip(&mut client)).collect();
+    let mut rtts: Vec<_> = (0..21).map(|_| round_trip(&mut client)).collect();
     let min = *rtts.iter().min().unwrap();
     let p50 = median(&mut rtts);
     assert!(min >= ms(50), "fastest round trip {min:?} beat the latency");
-    assert!(p50 <= ms(65), "median round trip {p50:?}");
+    // The median, not the max: one round trip may lose the CPU on a busy
+    // machine, half of them may not.
+    assert!(p50 <= ms(52), "median round trip {p50:?}: more than 2 ms over the latency");
 }
 
 #[test]
@@ -39,12 +41,18 @@ fn latency_jitter_spreads_within_bounds() {
     let latency = ToxicKind::Latency { latency: ms(50), jitter: ms(20) };
     proxy.add_toxic(toxic("lag", Stream::Downstream, latency)).unwrap();
     let mut client = connect(&proxy);
-    let mut rtts: Vec<_> = (0..20).map(|_| round_trip(&mut client)).collect();
-    let (min, max) = (*rtts.iter().min().unwrap(), *rtts.iter().max().unwrap());
+    let mut rtts: Vec<_> = (0..41).map(|_| round_trip(&mut client)).collect();
+    rtts.sort();
+    let (min, max) = (rtts[0], rtts[rtts.len() - 1]);
+    // Each delay is drawn from 50 ± 20 ms: none below 30 ms; the 90th
+    // percentile within 2 ms of 70 ms (the max may meet a busy machine).
+    let p90 = rtts[rtts.len() * 9 / 10];
     assert!(min >= ms(30), "fastest {min:?} below latency - jitter");
+    assert!(p90 <= ms(72), "p90 {p90:?} above latency + jitter + 2 ms");
     assert!(max - min >= ms(10), "no spread: {min:?}..{max:?}");
+    // Seed 1 makes the draws the same every run; their median is near 50 ms.
     let p50 = median(&mut rtts);
-    assert!((ms(35)..=ms(80)).contains(&p50), "median {p50:?}");
+    assert!((ms(42)..=ms(60)).contains(&p50), "median {p50:?}");
 }
 
 #[test]
@@ -197,8 +205,8 @@ fn timeout_zero_holds_silently_then_releases_in_order() {
     server.write_all(b"second").unwrap();
     server.shutdown(Shutdown::Write).unwrap();
     wait_for("12 bytes held", ms(2000), || (proxy.stats().downstream.bytes_held == 12).then_some(()));
-    // Neither data nor FIN nor RST reaches the client...
-    assert!(silent_for(&client, ms(1000)), "the client heard something");
+    // Neither data nor FIN nor RST reaches the client for 2 s...
+    assert!(silent_for(&client, ms(2000)), "the client heard something");
     // ...and the server side stays open: no FIN or RST from the proxy.
     assert!(nothing_pending(&server), "the server heard something");
     // The connection still carries the other direction.

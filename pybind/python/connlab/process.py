@@ -95,6 +95,15 @@ def connlab_serve_argv(backend: str, **server_kwargs: Any) -> list[str]:
     return argv
 
 
+def connlab_proxy_argv(upstream: tuple[str, int], *toxics: str) -> list[str]:
+    """The command line of `connlab proxy` in front of `upstream`, listening on a free loopback
+    port, with toxics in the command-line form (`latency:downstream:latency=50`)."""
+    argv = [sys.executable, "-m", "connlab", "proxy", "--upstream", f"{upstream[0]}:{upstream[1]}"]
+    for toxic in toxics:
+        argv += ["--toxic", toxic]
+    return argv
+
+
 def parse_address(line: str) -> tuple[str, int] | None:
     """host:port from one line a server printed: `connlab serve`'s JSON, or any text with a
     HOST:PORT word in it (`listening on 127.0.0.1:8080`, `[::1]:9000`); None if it has none."""

@@ -99,6 +99,12 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
         help="pin the server to CPU 0 and the generator to CPU 1 (stated in the report)",
     )
     g.add_argument(
+        "--proxy",
+        action="store_true",
+        help="also load each backend through `connlab proxy` with no toxic, right after it direct,"
+        " as <backend>+proxy: the proxy's overhead side by side (load workloads only, not idle memory)",
+    )
+    g.add_argument(
         "--gen-threads",
         type=positive_int,
         default=None,
@@ -152,10 +158,12 @@ def targets_table(evaluated: list[dict[str, Any]]) -> Table:
 
 def _bench(console: Console, cfg: BenchConfig) -> tuple[Bench, list[dict[str, Any]]]:
     """Runs the benchmark under a progress bar, prints its tables; returns it and its targets."""
-    progress, step = _progress(console, cfg.repetitions * (1 + len(cfg.backends) * len(cfg.workloads)))
+    loads = len(cfg.workloads) + (sum(w.kind != "idle" for w in cfg.workloads) if cfg.proxy else 0)
+    progress, step = _progress(console, cfg.repetitions * (1 + len(cfg.backends) * loads))
     with progress:
         bench = run_bench(cfg, step)
-    evaluated = targets.evaluate(targets.default_targets(cfg.workers), bench.summary, bench.pingpong)
+    proxied = cfg.backends if cfg.proxy else []
+    evaluated = targets.evaluate(targets.default_targets(cfg.workers, proxied), bench.summary, bench.pingpong)
     console.print(summary_table(bench))
     console.print(targets_table(evaluated))
     return bench, evaluated

@@ -11,7 +11,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -21,7 +21,7 @@ import psutil
 from connlab import load, probe
 from connlab._measure.footprint import measure_idle, serve_child, slope
 from connlab.probe import raise_nofile
-from connlab.process import ServeProcess
+from connlab.process import ServeProcess, connlab_proxy_argv
 
 Kind = Literal["idle", "closed", "open", "churn", "rtt"]
 
@@ -88,6 +88,18 @@ class BenchConfig:
     workers: int = 2
     pin: bool = False
     gen_threads: int | None = None
+    #: Also load each backend through `connlab proxy` with no toxic, as `<backend>+proxy`.
+    proxy: bool = False
+
+    @property
+    def labels(self) -> list[str]:
+        """The columns of the figures: each backend, then (with `proxy`) the same through the proxy."""
+        return [label for b in self.backends for label in (b, *([proxied(b)] if self.proxy else []))]
+
+
+def proxied(backend: str) -> str:
+    """The label of `backend`'s figures measured through the proxy."""
+    return f"{backend}+proxy"
 
 
 @dataclass
@@ -160,9 +172,12 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def measure(server: ServeProcess, w: Workload, cfg: BenchConfig) -> dict[str, Any]:
-    """Runs one workload against a running server child; returns its figures. The server's
-    threads and RSS are sampled in the middle of the measured window, while the load is on."""
+def measure(
+    server: ServeProcess, w: Workload, cfg: BenchConfig, via: ServeProcess | None = None
+) -> dict[str, Any]:
+    """Runs one workload against a running server child, or through the proxy child `via` in front
+    of it; returns its figures. The server's threads and RSS are sampled in the middle of the
+    measured window, while the load is on; its CPU (and the proxy's) over the whole run."""
     if w.kind == "idle":
         samples = measure_idle(server.address, server.pid, w.steps)
         return {
@@ -173,15 +188,16 @@ def measure(server: ServeProcess, w: Workload, cfg: BenchConfig) -> dict[str, An
             "server_rss_bytes": samples[-1].rss_bytes,
         }
     window = {"duration": cfg.duration, "warmup": cfg.warmup, "threads": cfg.gen_threads}
+    address = (via or server).address
     run: Callable[[], load.Result]
     if w.kind in {"closed", "rtt"}:
-        run = partial(load.closed_loop, server.address, w.connections, w.size, **window)
+        run = partial(load.closed_loop, address, w.connections, w.size, **window)
     elif w.kind == "open":
-        run = partial(load.open_loop, server.address, w.rate, w.connections, w.size, **window)
+        run = partial(load.open_loop, address, w.rate, w.connections, w.size, **window)
     else:
-        run = partial(load.churn, server.address, w.cycles, w.parallel, w.size)
-    proc = psutil.Process(server.pid)
-    cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+        run = partial(load.churn, address, w.cycles, w.parallel, w.size)
+    procs = [psutil.Process(server.pid), *([psutil.Process(via.pid)] if via else [])]
+    cpu0, t0 = [sum(p.cpu_times()[:2]) for p in procs], time.monotonic()
     # Not `with`: on Ctrl-C or SIGTERM the server is stopped at once, not after the load has run out
     # (the generator cannot be cancelled: the interpreter's exit waits for its window to end).
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-load")
@@ -200,10 +216,12 @@ def measure(server: ServeProcess, w: Workload, cfg: BenchConfig) -> dict[str, An
     finally:
         pool.shutdown(wait=False)
     elapsed = time.monotonic() - t0
+    cpu = [100 * (sum(p.cpu_times()[:2]) - c0) / elapsed for p, c0 in zip(procs, cpu0, strict=True)]
     keys = ("frames", "bytes", "elapsed_s", "frames_per_s", "mb_per_s", "conns_per_s", "errors", "latency_us")
     return {
         **{k: result[k] for k in keys if k in result},
-        "server_cpu_pct": 100 * (sum(proc.cpu_times()[:2]) - cpu0) / elapsed,
+        "server_cpu_pct": cpu[0],
+        **({"proxy_cpu_pct": cpu[1]} if via else {}),
         "server_threads": threads or probe.thread_count(server.pid),
         "server_rss_bytes": rss or probe.rss_bytes(server.pid),
     }
@@ -211,7 +229,8 @@ def measure(server: ServeProcess, w: Workload, cfg: BenchConfig) -> dict[str, An
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> Bench:
     """Every workload on every backend, `repetitions` times, interleaved, each backend in a fresh
-    server child per repetition (stopped on the way out, also on an interrupt)."""
+    server child per repetition (stopped on the way out, also on an interrupt). With `proxy`, each
+    load workload runs again at once through a `connlab proxy` child with no toxic, unpinned."""
     if cfg.repetitions < 1:
         raise ValueError("repetitions: must be at least 1")
     most = max([w.connections for w in cfg.workloads] + [max(w.steps, default=0) for w in cfg.workloads])
@@ -226,14 +245,24 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None
             progress(f"rep {rep + 1}/{cfg.repetitions}: raw loopback ping-pong")
             pingpong.append(load.pingpong(size=64, duration=min(cfg.duration, 1.0)))
             for backend in cfg.backends:
-                with serve_child(backend, cfg.workers, server_cpu) as server:
+                with serve_child(backend, cfg.workers, server_cpu) as server, ExitStack() as stack:
+                    front = (
+                        stack.enter_context(ServeProcess(connlab_proxy_argv(server.address)))
+                        if cfg.proxy
+                        else None
+                    )
                     for w in cfg.workloads:
                         progress(f"rep {rep + 1}/{cfg.repetitions}: {backend} {w.name}")
                         runs.append(Run(backend, w, rep, measure(server, w, cfg)))
+                        if front and w.kind != "idle":
+                            progress(f"rep {rep + 1}/{cfg.repetitions}: {proxied(backend)} {w.name}")
+                            runs.append(Run(proxied(backend), w, rep, measure(server, w, cfg, front)))
     finally:
         if gen_cpu is not None:
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     pinning = f"server on CPU {server_cpu}, generator on CPU {gen_cpu}" if gen_cpu is not None else "none"
+    if gen_cpu is not None and cfg.proxy:
+        pinning += ", proxy unpinned"
     return Bench(cfg, machine(), pinning, pingpong, runs)
 
 
@@ -262,10 +291,11 @@ def summarize(runs: list[Run], cfg: BenchConfig) -> Summary:
         "server_threads",
         "server_rss_bytes",
         "server_cpu_pct",
+        "proxy_cpu_pct",
     ]
     out: Summary = {}
     for w in cfg.workloads:
-        for b in cfg.backends:
+        for b in cfg.labels:
             mine = [r.metrics for r in runs if r.workload == w and r.backend == b]
             cell: dict[str, Any] = {}
             for name in names:

@@ -25,7 +25,7 @@ def plots(bench: Bench, out: Path) -> dict[str, str]:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    backends = bench.config.backends
+    backends = bench.config.labels
     workloads = bench.config.workloads
     closed = sorted(
         (w for w in workloads if w.kind == "closed" and w.size == 64), key=lambda w: w.connections
@@ -100,7 +100,7 @@ def _fmt(cell: dict[str, Any] | None, scale: float = 1, digits: int = 0) -> str:
 
 def comparison_rows(bench: Bench) -> tuple[list[str], list[list[str]]]:
     """The main comparison table: one row per workload, one column per backend (median (min-max))."""
-    backends = bench.config.backends
+    backends = bench.config.labels
     header = ["workload", "figure", *backends]
     rows = []
     for w in bench.config.workloads:
@@ -117,6 +117,8 @@ def comparison_rows(bench: Bench) -> tuple[list[str], list[list[str]]]:
         }[w.kind]
         if w.kind == "closed" and w.size >= 1024:  # large frames: bytes, not frames, are the point
             specs = [("MB/s", "mb_per_s", 1, 0), *specs[1:]]
+        if bench.config.proxy and w.kind != "idle":
+            specs = [*specs, ("proxy CPU %", "proxy_cpu_pct", 1, 0)]
         for label, figure, scale, digits in specs:
             cells = [_fmt(bench.summary[w][b].get(figure), scale, digits) for b in backends]
             rows.append([w.name, label, *cells])

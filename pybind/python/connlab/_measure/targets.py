@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from connlab import load
-from connlab._measure.bench import Summary, Workload, median
+from connlab._measure.bench import Summary, Workload, median, proxied
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ class Limit:
     unit: str
 
 
-def default_targets(workers: int) -> list[Ratio | Limit]:
+def default_targets(workers: int, proxied_backends: Sequence[str] = ()) -> list[Ratio | Limit]:
+    """The targets of the comparison; with `proxied_backends`, also each one through the proxy
+    (no toxic) against itself direct."""
     r = Ratio
     c10, c100, c1000 = (Match("closed", connections=c, size=64) for c in (10, 100, 1000))
     idle = Match("idle")
@@ -105,6 +107,17 @@ def default_targets(workers: int) -> list[Ratio | Limit]:
             False,
         )
         for b in ("blocking", "pool", "poll", "epoll", "tokio")
+    ]
+    targets += [
+        r(
+            f"{b} through the proxy >= 0.5x {b} direct at 100 connections",
+            c100,
+            "frames_per_s",
+            proxied(b),
+            b,
+            0.5,
+        )
+        for b in proxied_backends
     ]
     return targets
 
