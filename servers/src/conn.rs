@@ -297,6 +297,12 @@ pub struct Conn {
     write_since: Instant,
     /// What stop asked.
     stop: Stop,
+    /// Whether any byte arrived before the close decision.
+    received: bool,
+    /// On a handoff's stop, a connection that has received nothing yet waits
+    /// until then for its first frame: its client connected to be served,
+    /// and its frame may be on the way.
+    first_frame_by: Option<Instant>,
 }
 
 impl Conn {
@@ -323,6 +329,8 @@ impl Conn {
             read_waits_since: None,
             write_since: now,
             stop: Stop::No,
+            received: false,
+            first_frame_by: None,
         }
     }
 
@@ -403,9 +411,9 @@ impl Conn {
     }
 
     /// Every running clock: when it expires and what expiry means.
-    fn clocks(&self) -> [Option<(Instant, Expiry)>; 5] {
+    fn clocks(&self) -> [Option<(Instant, Expiry)>; 6] {
         let l = &self.limits;
-        let mut clocks = [None; 5];
+        let mut clocks = [None; 6];
         if matches!(self.phase(), Some(Phase::Done { .. })) {
             return clocks;
         }
@@ -421,8 +429,13 @@ impl Conn {
         if let Some(Phase::Linger { until }) = self.phase() {
             clocks[3] = Some((until, Expiry::Linger));
         }
+        // Before the grace: at the same instant, the first-frame wait ends in
+        // a graceful close, not a forced one.
+        if let (Some(by), false, None) = (self.first_frame_by, self.received, self.close) {
+            clocks[4] = Some((by, Expiry::FirstFrame));
+        }
         if let Stop::Draining { grace_end } = self.stop {
-            clocks[4] = Some((grace_end, Expiry::Grace));
+            clocks[5] = Some((grace_end, Expiry::Grace));
         }
         clocks
     }
@@ -438,6 +451,7 @@ impl Conn {
             // peer's sends do not stall, and is discarded.
             return;
         }
+        self.received = true;
         if self.paused || !self.held.is_empty() {
             self.held.extend_from_slice(data);
         } else {
@@ -532,6 +546,7 @@ impl Conn {
             // A stalled graceful flush becomes abortive and keeps its reason.
             Expiry::Write => self.abort(CloseReason::WriteTimeout, now, obs),
             Expiry::Linger => self.set_phase(Phase::Done { abort: false }),
+            Expiry::FirstFrame => self.decide(CloseReason::Shutdown, now, obs),
             Expiry::Grace => {
                 // Only a connection still busy is forced: one whose close
                 // waits for nothing but shutdown(SHUT_WR) and close() (stop's
@@ -549,9 +564,20 @@ impl Conn {
     }
 
     /// `stop()` began. `rx_empty` is whether the kernel's receive queue is
-    /// empty (`FIONREAD` 0). Idle connections close at once without linger;
-    /// the others drain until `grace_end`.
-    pub fn on_stop(&mut self, now: Instant, grace_end: Instant, rx_empty: bool, obs: &mut impl Observer) {
+    /// empty (`FIONREAD` 0). Idle connections close at once without linger.
+    /// On a handoff (`linger_idle`) the port lives on and a client's frame
+    /// may be on its way: an idle connection closes with the usual lingering
+    /// close (its frame meets a FIN, not an RST), and one that has received
+    /// nothing yet first waits up to the linger for its first frame and
+    /// answers it. The others drain until `grace_end`.
+    pub fn on_stop(
+        &mut self,
+        now: Instant,
+        grace_end: Instant,
+        rx_empty: bool,
+        linger_idle: bool,
+        obs: &mut impl Observer,
+    ) {
         if self.close.is_some() {
             self.closing_before_stop = true;
             self.stop = Stop::Draining { grace_end };
@@ -559,7 +585,13 @@ impl Conn {
         }
         self.stop = Stop::Draining { grace_end };
         if self.is_idle() && rx_empty {
-            self.decide_with_linger(CloseReason::Shutdown, Duration::ZERO, now, obs);
+            if linger_idle && !self.received {
+                self.first_frame_by = Some(now + LINGER.min(grace_end.saturating_duration_since(now)));
+            } else if linger_idle {
+                self.decide(CloseReason::Shutdown, now, obs);
+            } else {
+                self.decide_with_linger(CloseReason::Shutdown, Duration::ZERO, now, obs);
+            }
         }
         // Otherwise the next event settles it: bytes still in the kernel's
         // queue are read and answered before the drain close.
@@ -685,7 +717,12 @@ impl Conn {
             let nothing_owed = self.out.is_empty() && self.held.is_empty();
             // The drain close comes first: every connection open when stop
             // began closes with `shutdown`, a half-closed one included.
-            if matches!(self.stop, Stop::Draining { .. }) && nothing_owed && !self.decoder.in_frame() {
+            let awaits_first = self.first_frame_by.is_some_and(|by| !self.received && now < by);
+            if matches!(self.stop, Stop::Draining { .. })
+                && nothing_owed
+                && !self.decoder.in_frame()
+                && !awaits_first
+            {
                 self.decide(CloseReason::Shutdown, now, obs);
             } else if self.peer_eof && nothing_owed {
                 self.decide(CloseReason::Eof, now, obs);
@@ -807,6 +844,8 @@ enum Expiry {
     Write,
     /// The lingering close's read-and-discard time is over.
     Linger,
+    /// A handoff's wait for a fresh connection's first frame ended.
+    FirstFrame,
     /// The stop's grace ended.
     Grace,
 }

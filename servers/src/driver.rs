@@ -196,7 +196,7 @@ impl<I: Io> Link<I> {
             if let (false, Some(grace_end)) = (self.stop_seen, gate.grace_end()) {
                 self.stop_seen = true;
                 let rx_empty = sys::fionread(io.as_fd().as_raw_fd()).map_or(true, |n| n == 0);
-                conn.on_stop(now, grace_end, rx_empty, handle);
+                conn.on_stop(now, grace_end, rx_empty, gate.linger_idle(), handle);
                 io.stop_seen();
             }
             if conn.deadline().is_some_and(|at| at <= now) {
@@ -299,6 +299,16 @@ impl<I: Io> Link<I> {
             handle.unregister(&self.conn);
         }
     }
+}
+
+/// Closes a connection whose socket is already gone (the backend's runtime
+/// could not take it) as `io_error`: its registry entry goes, no phantom
+/// remains.
+pub(crate) fn abandon(mut handle: ConnHandle, limits: Limits, err: &io::Error) {
+    let now = Instant::now();
+    let mut conn = Conn::new(limits, now, &mut handle);
+    conn.on_error(err, now, &mut handle);
+    handle.unregister(&conn);
 }
 
 impl<I: Io> Drop for Link<I> {

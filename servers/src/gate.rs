@@ -7,7 +7,10 @@
 //! lock. So no connection is admitted after the counts were taken, and every
 //! connection driven from then on sees the stop, before the listener closes:
 //! a client that sees the listener gone cannot finish its request unseen and
-//! lose the draining close.
+//! lose the draining close. [`Acceptor::accept_all`] calls `accept(2)` under
+//! the same lock, so once `close` has returned this server takes no more
+//! connections from the queue: on a handoff the listening socket lives on in
+//! the successor, and what is queued there is the successor's to serve.
 //!
 //! [`Acceptor`] is the sans-IO half of an accept loop, like the core is of a
 //! connection: fed each `accept(2)` result and the clock, it says what to do
@@ -18,11 +21,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use socket2::{SockRef, Socket};
+use socket2::Socket;
 
 use crate::registry::{ConnHandle, Registry};
 use crate::shutdown::StopReport;
@@ -45,12 +48,21 @@ pub(crate) struct Gate {
     grace_end: OnceLock<Instant>,
     /// `(active, forced)` when admission ended.
     at_close: OnceLock<(u64, u64)>,
+    /// Whether idle connections close with the lingering close (a handoff:
+    /// the port lives on, so a client's next frame may be on its way).
+    linger_idle: AtomicBool,
 }
 
 impl Gate {
     /// An open gate in front of `registry`.
     pub fn new(registry: Arc<Registry>) -> Self {
-        Gate { registry, open: Mutex::new(true), grace_end: OnceLock::new(), at_close: OnceLock::new() }
+        Gate {
+            registry,
+            open: Mutex::new(true),
+            grace_end: OnceLock::new(),
+            at_close: OnceLock::new(),
+            linger_idle: AtomicBool::new(false),
+        }
     }
 
     /// The server's registry.
@@ -63,26 +75,35 @@ impl Gate {
     /// admission has ended it is reset uncounted, as the kernel resets what
     /// is left in a closed listener's queue. On `None` the caller drops the
     /// socket at once, without reading.
-    pub fn admit(&self, sock: &impl AsFd, peer: SocketAddr) -> Option<ConnHandle> {
+    #[cfg(test)]
+    pub fn admit(&self, sock: &impl std::os::fd::AsFd, peer: SocketAddr) -> Option<ConnHandle> {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if !*open {
-            let _ = SockRef::from(sock).set_linger(Some(Duration::ZERO));
+            let _ = socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO));
             return None;
         }
         self.registry.register(peer)
     }
 
     /// Ends admission (the start of stop's step 1): takes the counts and
-    /// publishes the end of the grace. Returns false if it was closed already.
-    pub fn close(&self, grace_end: Instant) -> bool {
+    /// publishes the end of the grace, and whether idle connections linger.
+    /// Returns false if it was closed already.
+    pub fn close(&self, grace_end: Instant, linger_idle: bool) -> bool {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if !*open {
             return false;
         }
         *open = false;
         let _ = self.at_close.set((self.registry.active(), self.registry.forced()));
+        // Stored before the grace is published: whoever sees the grace sees it.
+        self.linger_idle.store(linger_idle, Ordering::Relaxed);
         let _ = self.grace_end.set(grace_end);
         true
+    }
+
+    /// Whether idle connections close with the lingering close at this stop.
+    pub fn linger_idle(&self) -> bool {
+        self.linger_idle.load(Ordering::Relaxed)
     }
 
     /// The end of the grace, once admission has ended.
@@ -163,34 +184,55 @@ impl Acceptor {
         ended
     }
 
-    /// Accepts from a non-blocking `listener` until WouldBlock or a back-off,
-    /// sets `TCP_NODELAY`, and hands every connection the gate admits to
-    /// `admitted`.
+    /// Accepts from a non-blocking `listener` until WouldBlock, a back-off
+    /// or the end of admission, sets `TCP_NODELAY`, and hands every
+    /// connection the gate admits to `admitted`. Each `accept(2)` and its
+    /// registration happen under the gate's lock: none after
+    /// [`Gate::close`]. Returns why it stopped.
     pub fn accept_all(
         &mut self,
         listener: &Socket,
         gate: &Gate,
         mut admitted: impl FnMut(Socket, ConnHandle),
-    ) {
+    ) -> AcceptEnd {
         while self.listening() {
+            let open = gate.open.lock().unwrap_or_else(|e| e.into_inner());
+            if !*open {
+                return AcceptEnd::Closed;
+            }
             let result = listener.accept().map(|(sock, addr)| {
                 // A TCP listener's peers have IP addresses.
                 (sock, addr.as_socket().unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))))
             });
             match self.on_result(result, Instant::now(), gate.registry()) {
                 Accepted::Conn(sock, peer) => {
+                    let handle = gate.registry.register(peer);
+                    drop(open);
                     // A failure means the connection is dead already; its
                     // first read or write reports it as its error.
                     let _ = sock.set_tcp_nodelay(true);
-                    if let Some(handle) = gate.admit(&sock, peer) {
+                    if let Some(handle) = handle {
                         admitted(sock, handle);
                     }
                 }
                 Accepted::Again => {}
-                Accepted::Empty | Accepted::BackOff => return,
+                Accepted::Empty => return AcceptEnd::Empty,
+                Accepted::BackOff => return AcceptEnd::BackOff,
             }
         }
+        AcceptEnd::BackOff
     }
+}
+
+/// Why [`Acceptor::accept_all`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcceptEnd {
+    /// The queue is empty (WouldBlock): wait for readiness.
+    Empty,
+    /// Backing off: wait for [`Acceptor::wake_at`].
+    BackOff,
+    /// Admission has ended: accept no more.
+    Closed,
 }
 
 /// Handles a failed readiness wait (`poll`, `epoll_wait`): EINTR is nothing;
@@ -249,8 +291,9 @@ mod tests {
         assert_eq!(reg.stats().rejected, 1);
         assert_eq!(gate.grace_end(), None);
         let end = Instant::now();
-        assert!(gate.close(end));
-        assert!(!gate.close(end), "closes once");
+        assert!(gate.close(end, false));
+        assert!(!gate.close(end, true), "closes once");
+        assert!(!gate.linger_idle(), "the first close decides");
         assert_eq!(gate.grace_end(), Some(end));
         assert!(gate.admit(&sock, peer).is_none(), "admission ended");
         assert_eq!((reg.stats().accepted, reg.stats().rejected), (2, 1), "the late one is uncounted");

@@ -21,6 +21,8 @@
 //! - [`config`]: [`Config`], its validation, and the crate's [`Error`].
 //! - [`shutdown`]: joinable named server threads and the report `stop`
 //!   returns; `interrupt`: waking threads parked in blocking calls.
+//! - [`handoff`]: passing the listening socket to a successor server over
+//!   a Unix control socket, with no connection refused or lost.
 //! - `sys`: the few syscalls std and socket2 do not wrap.
 
 pub mod backend;
@@ -29,6 +31,7 @@ pub mod config;
 pub mod conn;
 mod driver;
 mod gate;
+pub mod handoff;
 mod interrupt;
 pub mod kind;
 pub mod registry;
@@ -36,7 +39,7 @@ pub mod server;
 pub mod shutdown;
 mod sys;
 
-pub use backend::start;
+pub use backend::{listen, start, start_on};
 pub use config::{timeout_from_secs, Config, Error};
 pub use conn::{CloseReason, State};
 pub use kind::BackendKind;

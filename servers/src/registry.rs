@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::conn::{CloseReason, Conn, Observer, State};
@@ -178,6 +178,9 @@ pub struct Registry {
     counters: Counters,
     /// The transition journal; `None` when `journal_capacity` is 0.
     journal: Option<Mutex<Journal>>,
+    /// When the first connection was admitted (a handoff's successor reports
+    /// the time from the take-over request to it).
+    first_admitted: OnceLock<Instant>,
 }
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves the
@@ -210,7 +213,13 @@ impl Registry {
             table: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             journal,
+            first_admitted: OnceLock::new(),
         }
+    }
+
+    /// When the first connection was admitted, if one was.
+    pub fn first_admitted(&self) -> Option<Instant> {
+        self.first_admitted.get().copied()
     }
 
     /// Registers a connection just accepted from `peer`, or counts it as
@@ -228,6 +237,7 @@ impl Registry {
             return None;
         };
         c.peak_active.fetch_max(before + 1, Relaxed);
+        self.first_admitted.get_or_init(Instant::now);
         let entry = Arc::new(Entry {
             id: self.next_id.fetch_add(1, Relaxed),
             peer,

@@ -57,7 +57,18 @@ pub trait Server: Send + Sync + fmt::Debug {
     fn registry(&self) -> &Registry;
 
     /// Stops the server (see the trait documentation).
-    fn stop(&self, grace: Duration) -> StopReport;
+    fn stop(&self, grace: Duration) -> StopReport {
+        self.stop_notify(grace, false, &mut || {})
+    }
+
+    /// Stops the server as [`Server::stop`] does, calling `admission_closed`
+    /// once admission has ended — from then on the server takes no
+    /// connection from its listener's queue — and before it closes the
+    /// listener and drains. A handoff tells its successor then, and passes
+    /// `handoff`: idle connections then close with the lingering close, as
+    /// busy ones do, since the port lives on and their clients' next frames
+    /// may be on the way.
+    fn stop_notify(&self, grace: Duration, handoff: bool, admission_closed: &mut dyn FnMut()) -> StopReport;
 
     /// The address the listener is bound to.
     fn local_addr(&self) -> SocketAddr {
@@ -116,13 +127,14 @@ impl<R: Running> Server for Served<R> {
         self.gate.registry()
     }
 
-    fn stop(&self, grace: Duration) -> StopReport {
+    fn stop_notify(&self, grace: Duration, handoff: bool, admission_closed: &mut dyn FnMut()) -> StopReport {
         let started = Instant::now();
         // Held to the end: a concurrent second call returns its zeros once
         // the server is down.
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let Some(running) = running.take() else { return StopReport::default() };
-        self.gate.close(shutdown::grace_end(started, grace));
+        self.gate.close(shutdown::grace_end(started, grace), handoff);
+        admission_closed();
         running.take_down();
         self.gate.report(started)
     }

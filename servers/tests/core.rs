@@ -185,7 +185,13 @@ impl H {
     /// `stop()` begins at `d` with a grace ending at `grace_end`.
     fn stop(&mut self, d: Duration, grace_end: Duration, rx_empty: bool) {
         let (now, end) = (self.at(d), self.at(grace_end));
-        self.conn.on_stop(now, end, rx_empty, &mut self.rec);
+        self.conn.on_stop(now, end, rx_empty, false, &mut self.rec);
+    }
+
+    /// A handoff's stop begins at `d` (idle connections linger).
+    fn handoff_stop(&mut self, d: Duration, grace_end: Duration) {
+        let (now, end) = (self.at(d), self.at(grace_end));
+        self.conn.on_stop(now, end, true, true, &mut self.rec);
     }
 
     /// The next deadline as an offset.
@@ -1381,6 +1387,50 @@ fn stop_closes_idle_at_once_without_linger() {
     assert_eq!(h.action(), Action::Close, "no linger");
     assert!(!h.conn.forced());
     assert_eq!(h.rec.truncated, 0);
+}
+
+#[test]
+fn handoff_stop_closes_a_used_idle_connection_with_the_lingering_close() {
+    let mut h = H::new(limits());
+    h.read(secs(1), &frame(b"x"));
+    h.flush(secs(1));
+    h.handoff_stop(secs(2), secs(7));
+    assert_eq!(h.reason(), Some(CloseReason::Shutdown));
+    h.shutdown_write(secs(2));
+    // The client's next frame, sent before it saw the FIN, is read and
+    // discarded: it meets no RST.
+    assert_eq!(h.action(), Action::Continue);
+    assert_eq!(h.deadline(), Some(secs(2) + LINGER));
+    h.read(secs(2) + ms(1), &frame(b"too late"));
+    h.eof(secs(2) + ms(2));
+    assert_eq!(h.action(), Action::Close);
+    assert!(!h.conn.forced());
+}
+
+#[test]
+fn handoff_stop_serves_the_first_frame_of_a_fresh_connection() {
+    let mut h = H::new(limits());
+    h.handoff_stop(secs(1), secs(11));
+    assert_eq!((h.state(), h.reason()), (Connecting, None), "it waits for its first frame");
+    assert_eq!(h.deadline(), Some(secs(1) + LINGER));
+    h.read(secs(1) + ms(5), &frame(b"just connected"));
+    assert_eq!(h.flush(secs(1) + ms(5)), frame(b"just connected"));
+    assert_eq!(h.reason(), Some(CloseReason::Shutdown), "then the drain close");
+    assert!(!h.conn.forced());
+}
+
+#[test]
+fn handoff_stop_closes_a_silent_fresh_connection_gracefully_after_the_wait() {
+    // A grace shorter than the linger: the wait ends with the grace, and the
+    // close at that instant is graceful, not forced.
+    let mut h = H::new(limits());
+    h.handoff_stop(secs(1), secs(1) + ms(300));
+    assert_eq!(h.deadline(), Some(secs(1) + ms(300)));
+    h.timer(secs(1) + ms(300));
+    assert_eq!((h.reason(), h.action()), (Some(CloseReason::Shutdown), Action::ShutdownWrite));
+    h.shutdown_write(secs(1) + ms(300));
+    assert_eq!(h.action(), Action::Close);
+    assert!(!h.conn.forced());
 }
 
 #[test]

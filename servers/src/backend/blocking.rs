@@ -31,7 +31,7 @@ use socket2::Socket;
 use crate::config::{Config, Error};
 use crate::conn::Limits;
 use crate::driver::{self, Io, Link, Next, READ_CHUNK};
-use crate::gate::{self, Acceptor, Gate};
+use crate::gate::{self, AcceptEnd, Acceptor, Gate};
 use crate::interrupt::{self, ParkedThreads};
 use crate::kind::BackendKind;
 use crate::registry::ConnHandle;
@@ -120,7 +120,13 @@ fn accept_loop(shared: &Arc<Shared>, listener: Socket, stop: &Waker) {
             return; // dropping `listener` closes it
         }
         acceptor.on_timer(Instant::now());
-        acceptor.accept_all(&listener, &shared.gate, |sock, handle| admit(shared, sock, handle));
+        if acceptor.accept_all(&listener, &shared.gate, |sock, handle| admit(shared, sock, handle))
+            == AcceptEnd::Closed
+        {
+            // Stop began: its eventfd is a moment away, and the listener
+            // with connections queued would wake every poll till then.
+            return;
+        }
     }
 }
 

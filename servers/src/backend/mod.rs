@@ -27,6 +27,14 @@ pub mod tokio_rt;
 pub fn start(kind: BackendKind, config: Config) -> Result<Box<dyn Server>, Error> {
     config.validate()?;
     let listener = listen(&config)?;
+    start_on(kind, config, listener)
+}
+
+/// Starts a server of `kind` on a listening socket made elsewhere (by
+/// [`listen`], or received from an incumbent in a handoff); `host`, `port`
+/// and `backlog` of the config are the socket's own.
+pub fn start_on(kind: BackendKind, config: Config, listener: Socket) -> Result<Box<dyn Server>, Error> {
+    config.validate()?;
     let address = listener.local_addr().and_then(|a| {
         a.as_socket().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "listener has no IP address"))
     });
@@ -49,7 +57,7 @@ pub fn start(kind: BackendKind, config: Config) -> Result<Box<dyn Server>, Error
 
 /// Creates the listening socket: `SO_REUSEADDR` (never `SO_REUSEPORT`),
 /// non-blocking, close-on-exec, backlog from the config.
-fn listen(config: &Config) -> Result<Socket, Error> {
+pub fn listen(config: &Config) -> Result<Socket, Error> {
     let addr = SocketAddr::new(config.host, config.port);
     let io_err = |field, what: &str| {
         let context = format!("{what} {addr}");

@@ -16,7 +16,7 @@ use socket2::Socket;
 use crate::config::{Config, Error};
 use crate::conn::Limits;
 use crate::driver::{self, Link, Next, Timers, READ_CHUNK};
-use crate::gate::{self, Acceptor, Gate};
+use crate::gate::{self, AcceptEnd, Acceptor, Gate};
 use crate::kind::BackendKind;
 use crate::server::{LoopThread, Served};
 use crate::sys::{self, Waker};
@@ -141,7 +141,7 @@ impl PollLoop {
         let (links, fds, owners, ready, limits) =
             (&mut self.links, &mut self.fds, &mut self.owners, &mut self.ready, self.limits);
         ready.clear();
-        self.acceptor.accept_all(listener, &self.gate, |sock, handle| {
+        let end = self.acceptor.accept_all(listener, &self.gate, |sock, handle| {
             let link = Link::new(sock, handle, limits);
             let fd = link.fd();
             let key = links.insert((link, fds.len()));
@@ -151,6 +151,11 @@ impl PollLoop {
         });
         for i in 0..self.ready.len() {
             self.step(self.ready[i].0, false);
+        }
+        if end == AcceptEnd::Closed && self.listener.is_some() {
+            // Stop began: its eventfd is a moment away, and a level-triggered
+            // listener with connections queued would wake every poll till then.
+            self.close_listener();
         }
     }
 

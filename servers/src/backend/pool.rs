@@ -21,7 +21,7 @@ use socket2::Socket;
 use crate::config::{Config, Error};
 use crate::conn::Limits;
 use crate::driver::{self, Link, Next, Timers, READ_CHUNK};
-use crate::gate::{self, Acceptor, Gate};
+use crate::gate::{self, AcceptEnd, Acceptor, Gate};
 use crate::kind::BackendKind;
 use crate::server::{LoopThread, Served};
 use crate::shutdown::Tids;
@@ -163,11 +163,14 @@ impl Dispatcher {
                     }
                 }
             }
-            if accept {
-                self.accept_all();
+            // Admission ended (stop began): a level-triggered listener with
+            // connections queued would wake every wait until the stop's
+            // eventfd is seen, so the listener goes now.
+            if accept && self.accept_all() == AcceptEnd::Closed {
+                stopping = true;
             }
             self.fire_timers(Instant::now());
-            if stopping {
+            if stopping && self.listener.is_some() {
                 self.close_listener();
             }
         }
@@ -215,7 +218,11 @@ impl Dispatcher {
     /// their worker gives them back, under the table's lock, so none is
     /// missed.
     fn close_listener(&mut self) {
-        self.listener = None; // closing it takes it out of the epoll set
+        // Out of the set first: after a handoff the socket lives on in the
+        // successor, so closing this fd alone would leave it registered.
+        if let Some(listener) = self.listener.take() {
+            let _ = self.shared.epoll.delete(listener.as_raw_fd());
+        }
         let mut table = self.shared.table();
         let idle: Vec<Job> =
             table.slots.iter_mut().filter_map(|(key, slot)| Self::take(slot, key, 0)).collect();
@@ -223,12 +230,13 @@ impl Dispatcher {
         idle.into_iter().for_each(|job| send(&self.jobs, job));
     }
 
-    /// Accepts until WouldBlock or a back-off; each new connection goes to a
-    /// worker, registered disarmed (the worker arms it after its first drive).
-    fn accept_all(&mut self) {
-        let Some(listener) = &self.listener else { return };
+    /// Accepts until WouldBlock, a back-off or the end of admission; each
+    /// new connection goes to a worker, registered disarmed (the worker arms
+    /// it after its first drive).
+    fn accept_all(&mut self) -> AcceptEnd {
+        let Some(listener) = &self.listener else { return AcceptEnd::Closed };
         let (shared, jobs) = (&self.shared, &self.jobs);
-        self.acceptor.accept_all(listener, &shared.gate, |sock, handle| {
+        let end = self.acceptor.accept_all(listener, &shared.gate, |sock, handle| {
             let link = Link::new(sock, handle, shared.limits);
             let key = shared.table().slots.insert(Slot::Busy { timer_lost: false });
             match shared.epoll.add(link.fd(), libc::EPOLLONESHOT as u32, key as u64) {
@@ -244,6 +252,7 @@ impl Dispatcher {
             // or every wait would return at once for it.
             let _ = self.shared.epoll.delete(listener.as_raw_fd());
         }
+        end
     }
 }
 

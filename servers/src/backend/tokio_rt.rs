@@ -7,23 +7,24 @@
 //! readiness the core wants, the core's deadline, or the stop signal.
 
 use std::io::{self, ErrorKind};
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
 use socket2::Socket;
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, Error};
 use crate::conn::Limits;
-use crate::driver::{Io, Link, Next};
-use crate::gate::{Accepted, Acceptor, Gate};
+use crate::driver::{self, Io, Link, Next};
+use crate::gate::{AcceptEnd, Acceptor, Gate};
 use crate::kind::BackendKind;
+use crate::registry::ConnHandle;
 use crate::server::{Running, Served};
 use crate::shutdown::Tids;
 use crate::sys;
@@ -86,10 +87,13 @@ pub(crate) fn start(config: Config, listener: Socket, gate: Arc<Gate>) -> Result
             .map_err(Error::starting("building the tokio runtime"))?
     };
     // Registering with the runtime's reactor needs its context. The listener
-    // is non-blocking already, as tokio requires.
+    // is non-blocking already, as tokio requires. It is accepted from through
+    // the gate's `accept_all`, like every backend's: under the gate's lock.
     let listener = {
         let _context = runtime.enter();
-        TcpListener::from_std(listener.into())
+        // SAFETY: the AsyncFd owns the socket, so its fd stays open and
+        // refers to the same file for the AsyncFd's whole life.
+        unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }.map_err(io::Error::from)
     };
     let listener = match listener {
         Ok(listener) => listener,
@@ -138,36 +142,37 @@ impl Threads {
     }
 }
 
-/// Accepts until aborted, spawning a task per admitted connection.
-async fn accept_loop(listener: TcpListener, ctx: Ctx) {
+/// Accepts until aborted or admission ends, spawning a task per admitted
+/// connection.
+async fn accept_loop(listener: AsyncFd<Socket>, ctx: Ctx) {
     let mut acceptor = Acceptor::default();
     loop {
-        let result = listener.accept().await;
-        match acceptor.on_result(result, Instant::now(), ctx.gate.registry()) {
-            Accepted::Conn(stream, peer) => admit(&ctx, stream, peer),
-            Accepted::Again | Accepted::Empty => {}
-            Accepted::BackOff => {
-                // Afterwards `accept()` calls accept(2) at once, without
-                // waiting for an epoll event: tokio clears a socket's
-                // readiness only on WouldBlock, which this error is not, so
-                // connections queued meanwhile are taken until the queue is
-                // empty.
+        let Ok(mut ready) = listener.readable().await else { return };
+        match acceptor.accept_all(listener.get_ref(), &ctx.gate, |sock, handle| admit(&ctx, sock, handle)) {
+            AcceptEnd::Empty => ready.clear_ready(),
+            AcceptEnd::BackOff => {
+                // The readiness stays set: once the back-off ends, the queue
+                // is accepted from at once, without waiting for an event.
+                drop(ready);
                 if let Some(until) = acceptor.wake_at() {
                     tokio::time::sleep_until(until.into()).await;
                 }
                 acceptor.on_timer(Instant::now());
             }
+            AcceptEnd::Closed => return, // stop began; dropping the listener closes it
         }
     }
 }
 
-/// Admits a connection through the gate and spawns its task.
-fn admit(ctx: &Ctx, stream: TcpStream, peer: SocketAddr) {
-    // A failure means the connection is dead already; its first read or
-    // write reports it as its error.
-    let _ = stream.set_nodelay(true);
-    if let Some(handle) = ctx.gate.admit(&stream, peer) {
-        tokio::spawn(serve(Link::new(stream, handle, ctx.limits), ctx.clone()));
+/// Spawns the task of a connection the gate admitted.
+fn admit(ctx: &Ctx, sock: Socket, handle: ConnHandle) {
+    if let Err(err) = sock.set_nonblocking(true) {
+        return Link::new(sock, handle, ctx.limits).fail(&err);
+    }
+    // Registering with the runtime; on failure it has closed the socket.
+    match TcpStream::from_std(sock.into()) {
+        Ok(stream) => drop(tokio::spawn(serve(Link::new(stream, handle, ctx.limits), ctx.clone()))),
+        Err(err) => driver::abandon(handle, ctx.limits, &err),
     }
 }
 
