@@ -7,13 +7,17 @@
 //! take a lock, load runs) releases the GIL.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use connlab_servers::handoff::{self, Control, ControlOptions, Events, TakeOverOptions, TakeOverReport};
 use connlab_servers::{timeout_from_secs, BackendKind, CloseReason, Config, Error, Server, State};
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
+mod handoff_py;
 mod load;
 mod proxy;
 
@@ -73,9 +77,15 @@ pub(crate) fn addr_tuple<'py>(py: Python<'py>, addr: SocketAddr) -> PyResult<Bou
 #[pyclass(name = "Server", module = "connlab._native", frozen)]
 struct PyServer {
     /// The running server; `stop` is idempotent on it.
-    inner: Box<dyn Server>,
+    inner: Arc<dyn Server>,
     /// The listener's address, fixed at start (read without a lock).
     address: SocketAddr,
+    /// The handoff control socket, if one was asked for; closed by `stop`.
+    control: Mutex<Option<Control>>,
+    /// Its events, waited on without holding `control`.
+    events: Option<Events>,
+    /// How this server took its listener over, if it did.
+    taken_over: Option<TakeOverReport>,
 }
 
 #[pymethods]
@@ -85,7 +95,8 @@ impl PyServer {
         backend, host = "127.0.0.1", port = 0, workers = None, max_connections = 10_000,
         max_frame = 1 << 20, max_pending_output = 4 << 20, idle_timeout = Some(60.0),
         read_timeout = Some(10.0), write_timeout = Some(10.0), backlog = 1024,
-        journal_capacity = 65_536, thread_stack = 64 << 10,
+        journal_capacity = 65_536, thread_stack = 64 << 10, control = None, take_over = None,
+        handoff_deadline = 5.0, handoff_grace = 1.0,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -103,6 +114,10 @@ impl PyServer {
         backlog: i64,
         journal_capacity: i64,
         thread_stack: i64,
+        control: Option<PathBuf>,
+        take_over: Option<PathBuf>,
+        handoff_deadline: f64,
+        handoff_grace: f64,
     ) -> PyResult<Self> {
         let kind: BackendKind = backend.parse().map_err(NativeError)?;
         let host = ip("host", host)?;
@@ -124,9 +139,89 @@ impl PyServer {
             journal_capacity: count("journal_capacity", journal_capacity)?,
             thread_stack: count("thread_stack", thread_stack)?,
         };
-        let inner = py.detach(|| connlab_servers::start(kind, config)).map_err(NativeError)?;
+        let deadline = timeout_from_secs("handoff_deadline", handoff_deadline)
+            .map_err(NativeError)?
+            .ok_or_else(|| NativeError(Error::invalid("handoff_deadline", "must be more than 0")))?;
+        let grace = timeout_from_secs("handoff_grace", handoff_grace).map_err(NativeError)?.unwrap_or_default();
+        let started = py.detach(|| -> Result<_, Error> {
+            Ok(match &take_over {
+                None => {
+                    let listener = connlab_servers::listen(&config)?;
+                    let duplicate = match control {
+                        None => None,
+                        Some(_) => Some(listener.try_clone().map_err(|source| Error::Io {
+                            field: "control",
+                            context: "duplicating the listener".into(),
+                            source,
+                        })?),
+                    };
+                    (connlab_servers::start_on(kind, config, listener)?, duplicate, None)
+                }
+                Some(path) => {
+                    let options = TakeOverOptions { deadline, grace };
+                    let taken = handoff::take_over(path, kind, config, options)?;
+                    (taken.server, Some(taken.listener), Some(taken.report))
+                }
+            })
+        });
+        let (inner, duplicate, taken_over) = started.map_err(NativeError)?;
+        let inner: Arc<dyn Server> = inner.into();
+        let control = match (control, duplicate) {
+            (Some(path), Some(listener)) => {
+                let options = ControlOptions { deadline, grace };
+                let opened = Control::open(&path, Arc::clone(&inner), listener, options);
+                Some(opened.map_err(|source| {
+                    inner.stop(Duration::ZERO);
+                    NativeError(Error::Io { field: "control", context: "opening the control socket".into(), source })
+                })?)
+            }
+            _ => None,
+        };
         let address = inner.local_addr();
-        Ok(PyServer { inner, address })
+        let events = control.as_ref().map(Control::events);
+        Ok(PyServer { inner, address, control: Mutex::new(control), events, taken_over })
+    }
+
+    /// Starts a `backend` server on the listening socket of the server whose
+    /// control socket is at `path` (DESIGN.md §8): the same keyword
+    /// arguments as the constructor (`host` and `port` are the socket's).
+    /// Returns once the incumbent stopped accepting and reported its drain.
+    #[staticmethod]
+    #[pyo3(signature = (path, backend, **kwargs))]
+    fn take_over<'py>(
+        py: Python<'py>,
+        path: PathBuf,
+        backend: &str,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let kwargs = match kwargs {
+            Some(k) => k.copy()?,
+            None => PyDict::new(py),
+        };
+        kwargs.set_item("take_over", path)?;
+        py.get_type::<PyServer>().call((backend,), Some(&kwargs))
+    }
+
+    /// The next event of this server's control socket, waiting up to
+    /// `timeout` seconds (None: until one comes): `{"event": "rejected",
+    /// "reason": ...}` or `{"event": "handed-off", ...}`; None after the
+    /// timeout, or with no control socket.
+    #[pyo3(signature = (timeout = None))]
+    fn handoff_event<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
+        let event = py.detach(|| self.events.as_ref().and_then(|e| e.next(timeout)));
+        event.map(|e| handoff_py::event(py, &e)).transpose()
+    }
+
+    /// How this server took its listener over (None if it did not): the
+    /// handoff id, `serving_after_s` and `sealed_after_s` from the request,
+    /// `first_accept_after_s` (None until a connection came), and the
+    /// incumbent's drain report (or why it did not come).
+    #[getter]
+    fn handoff<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(report) = &self.taken_over else { return Ok(None) };
+        let first = self.inner.registry().first_admitted();
+        handoff_py::report(py, report, first).map(Some)
     }
 
     /// The backend's name.
@@ -173,6 +268,10 @@ impl PyServer {
         d.set_item("accept_errors", accept_errors)?;
         d.set_item("threads", s.threads)?;
         d.set_item("journal_dropped", s.journal_dropped)?;
+        let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(control) = control.as_ref() {
+            d.set_item("control", handoff_py::stats(py, control)?)?;
+        }
         Ok(d)
     }
 
@@ -237,7 +336,12 @@ impl PyServer {
     #[pyo3(signature = (grace = 1.0))]
     fn stop<'py>(&self, py: Python<'py>, grace: f64) -> PyResult<Bound<'py, PyDict>> {
         let grace = timeout_from_secs("grace", grace).map_err(NativeError)?.unwrap_or_default();
-        let report = py.detach(|| self.inner.stop(grace));
+        let report = py.detach(|| {
+            // The control first: a handoff in progress finishes its drain.
+            let control = self.control.lock().unwrap_or_else(|e| e.into_inner()).take();
+            drop(control);
+            self.inner.stop(grace)
+        });
         let d = PyDict::new(py);
         d.set_item("drained", report.drained)?;
         d.set_item("forced", report.forced)?;
@@ -264,7 +368,13 @@ impl Drop for PyServer {
     fn drop(&mut self) {
         // Destruction stops with no grace, without holding the GIL while the
         // server's threads are joined.
-        Python::attach(|py| py.detach(|| self.inner.stop(Duration::ZERO)));
+        Python::attach(|py| {
+            py.detach(|| {
+                let control = self.control.lock().unwrap_or_else(|e| e.into_inner()).take();
+                drop(control);
+                self.inner.stop(Duration::ZERO)
+            })
+        });
     }
 }
 

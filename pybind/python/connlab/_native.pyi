@@ -1,6 +1,7 @@
 """Typed stubs of the native module (PyO3): the servers themselves and the load generator."""
 
 from types import TracebackType
+import os
 from typing import Any, Self, TypedDict
 
 BACKENDS: tuple[str, ...]
@@ -28,7 +29,16 @@ class Server:
         backlog: int = 1024,
         journal_capacity: int = 65_536,
         thread_stack: int = 64 << 10,
+        control: str | os.PathLike[str] | None = None,  # a handoff control socket at this path
+        take_over: str | os.PathLike[str] | None = None,  # take the listener over from this control
+        handoff_deadline: float = 5.0,  # seconds each handoff step may take
+        handoff_grace: float = 1.0,  # the drain's grace after handing off
     ) -> None: ...
+    @staticmethod
+    def take_over(path: str | os.PathLike[str], backend: str, **kwargs: Any) -> Server: ...
+    def handoff_event(self, timeout: float | None = None) -> dict[str, Any] | None: ...
+    @property
+    def handoff(self) -> dict[str, Any] | None: ...
     @property
     def backend(self) -> str: ...
     @property

@@ -102,12 +102,13 @@ pub struct ControlStats {
 /// What the control thread and its owner share.
 #[derive(Debug, Default)]
 struct Shared {
-    state: Mutex<(ControlStats, VecDeque<Event>)>,
+    /// The counters, the events not yet taken, and whether the thread ended.
+    state: Mutex<(ControlStats, VecDeque<Event>, bool)>,
     event: Condvar,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, (ControlStats, VecDeque<Event>)> {
+    fn lock(&self) -> MutexGuard<'_, (ControlStats, VecDeque<Event>, bool)> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -180,18 +181,12 @@ impl Control {
 
     /// The next event, waiting up to `timeout` (None: until one comes).
     pub fn next_event(&self, timeout: Option<Duration>) -> Option<Event> {
-        let end = timeout.map(|t| Instant::now() + t);
-        let mut state = self.shared.lock();
-        loop {
-            if let Some(event) = state.1.pop_front() {
-                return Some(event);
-            }
-            let wait = match end {
-                None => Duration::from_secs(3600),
-                Some(end) => end.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?,
-            };
-            state = self.shared.event.wait_timeout(state, wait).unwrap_or_else(|e| e.into_inner()).0;
-        }
+        self.events().next(timeout)
+    }
+
+    /// The control's events, to wait on without holding the control.
+    pub fn events(&self) -> Events {
+        Events(Arc::clone(&self.shared))
     }
 
     /// Closes the control: ends a session in progress (a drain already
@@ -201,6 +196,32 @@ impl Control {
         if let Some(thread) = self.thread.take() {
             let _ = self.waker.wake();
             let _ = thread.join();
+        }
+    }
+}
+
+/// A control's events, in order; waiting ends when the control has closed.
+#[derive(Debug, Clone)]
+pub struct Events(Arc<Shared>);
+
+impl Events {
+    /// The next event, waiting up to `timeout` (None: until one comes, or
+    /// until the control closes).
+    pub fn next(&self, timeout: Option<Duration>) -> Option<Event> {
+        let end = timeout.map(|t| Instant::now() + t);
+        let mut state = self.0.lock();
+        loop {
+            if let Some(event) = state.1.pop_front() {
+                return Some(event);
+            }
+            if state.2 {
+                return None;
+            }
+            let wait = match end {
+                None => Duration::from_secs(3600),
+                Some(end) => end.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?,
+            };
+            state = self.0.event.wait_timeout(state, wait).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 }
@@ -285,6 +306,9 @@ impl Run {
             }
         }
         self.close_unix();
+        let mut state = self.shared.lock();
+        state.2 = true;
+        self.shared.event.notify_all();
     }
 
     /// Stops taking sessions: the socket and its file go.
