@@ -1,7 +1,7 @@
 """Typed stubs of the native module (PyO3): the servers themselves and the load generator."""
 
-from types import TracebackType
 import os
+from types import TracebackType
 from typing import Any, Self, TypedDict
 
 BACKENDS: tuple[str, ...]

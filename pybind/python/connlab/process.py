@@ -296,6 +296,13 @@ class ServeProcess:
         self.stopped = Stopped(self.child.returncode, elapsed, report)
         return self.stopped
 
+    def wait_exit(self, timeout: float) -> Stopped:
+        """Waits up to `timeout` s for the process to exit by itself (a server that handed its
+        listener off exits once drained), then stops it as `stop` does if it has not."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.child.wait(timeout=timeout)
+        return self.stop()
+
     def kill(self) -> None:
         """SIGKILL to the whole process group: the server and anything it forked."""
         with contextlib.suppress(ProcessLookupError, PermissionError):

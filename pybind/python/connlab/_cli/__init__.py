@@ -1,6 +1,7 @@
 """The `connlab` command line: the parser of every command, and how a stop signal ends one.
 
-Commands live in their modules: `serve`, `proxy`, `matrix`, and `measure` (bench, compare, soak);
+Commands live in their modules: `serve`, `proxy`, `matrix`, `measure` (bench, compare, soak) and
+`handoff`;
 `options` holds the argparse types and option groups they share."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from connlab._cli import measure, proxy, serve
+from connlab._cli import handoff, measure, proxy, serve
 from connlab._cli.matrix import add_matrix_parser, run_matrix
 
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_parser(sub)
     add_matrix_parser(sub, run_matrix)
     measure.add_parsers(sub)
+    handoff.add_parser(sub)
     return parser
 
 
