@@ -46,7 +46,10 @@ pub(crate) fn report<'py>(
     d.set_item("id", format!("{:#018x}", r.id))?;
     d.set_item("serving_after_s", r.serving_after.as_secs_f64())?;
     d.set_item("sealed_after_s", r.sealed_after.as_secs_f64())?;
-    d.set_item("first_accept_after_s", first.map(|t| t.saturating_duration_since(r.requested).as_secs_f64()))?;
+    d.set_item(
+        "first_accept_after_s",
+        first.map(|t| t.saturating_duration_since(r.requested).as_secs_f64()),
+    )?;
     d.set_item("incumbent", r.incumbent.as_ref().map(|i| stop_report(py, i)).transpose()?)?;
     d.set_item("incumbent_error", &r.incumbent_error)?;
     Ok(d)

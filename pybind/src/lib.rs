@@ -142,7 +142,8 @@ impl PyServer {
         let deadline = timeout_from_secs("handoff_deadline", handoff_deadline)
             .map_err(NativeError)?
             .ok_or_else(|| NativeError(Error::invalid("handoff_deadline", "must be more than 0")))?;
-        let grace = timeout_from_secs("handoff_grace", handoff_grace).map_err(NativeError)?.unwrap_or_default();
+        let grace =
+            timeout_from_secs("handoff_grace", handoff_grace).map_err(NativeError)?.unwrap_or_default();
         let started = py.detach(|| -> Result<_, Error> {
             Ok(match &take_over {
                 None => {
@@ -172,7 +173,11 @@ impl PyServer {
                 let opened = Control::open(&path, Arc::clone(&inner), listener, options);
                 Some(opened.map_err(|source| {
                     inner.stop(Duration::ZERO);
-                    NativeError(Error::Io { field: "control", context: "opening the control socket".into(), source })
+                    NativeError(Error::Io {
+                        field: "control",
+                        context: "opening the control socket".into(),
+                        source,
+                    })
                 })?)
             }
             _ => None,
@@ -183,7 +188,7 @@ impl PyServer {
     }
 
     /// Starts a `backend` server on the listening socket of the server whose
-    /// control socket is at `path` (DESIGN.md §8): the same keyword
+    /// control socket is at `path` (DESIGN.md §4b): the same keyword
     /// arguments as the constructor (`host` and `port` are the socket's).
     /// Returns once the incumbent stopped accepting and reported its drain.
     #[staticmethod]
@@ -207,7 +212,11 @@ impl PyServer {
     /// "reason": ...}` or `{"event": "handed-off", ...}`; None after the
     /// timeout, or with no control socket.
     #[pyo3(signature = (timeout = None))]
-    fn handoff_event<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyDict>>> {
+    fn handoff_event<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Bound<'py, PyDict>>> {
         let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
         let event = py.detach(|| self.events.as_ref().and_then(|e| e.next(timeout)));
         event.map(|e| handoff_py::event(py, &e)).transpose()

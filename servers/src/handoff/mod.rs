@@ -1,6 +1,6 @@
 //! Zero-downtime handoff of the listening socket between two servers,
 //! possibly of different backends and in different processes
-//! (docs/DESIGN.md §8).
+//! (docs/DESIGN.md §4b).
 //!
 //! The incumbent opens a [`Control`] socket (a Unix stream socket at a
 //! path). A successor calls [`take_over`]: it receives the listening socket

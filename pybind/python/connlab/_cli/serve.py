@@ -95,7 +95,7 @@ def add_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="time given to busy connections to finish when stopping (default: %(default)s)",
     )
-    g = serve.add_argument_group("handoff (docs/DESIGN.md §8)")
+    g = serve.add_argument_group("handoff (docs/DESIGN.md §4b)")
     g.add_argument(
         "--control",
         metavar="PATH",
