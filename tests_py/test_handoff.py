@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import connlab
-from connlab.client import connect, encode, read_frame
+from connlab.client import connect, encode, read_frame, wait_until
 from connlab.process import ServeProcess, connlab_serve_argv
 
 CONNLAB = [sys.executable, "-m", "connlab"]
@@ -109,6 +109,28 @@ def test_two_serve_processes_hand_off_and_the_incumbent_exits(tmp_path: Path) ->
             listening = next(e for e in new.events if e.get("event") == "listening")
             assert listening["handoff"]["incumbent"]["drained"] == 1
             assert echoes(new.address)
+
+
+def test_upgrades_chain_on_one_control_path_and_refusals_are_logged(tmp_path: Path) -> None:
+    control = tmp_path / "control.sock"
+    with ServeProcess(connlab_serve_argv("tokio", control=control)) as first:
+        # A broken session is refused and printed; the server serves on.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(control))
+            s.sendall(b"\x00" * 16)
+            s.settimeout(5)
+            assert b"".join(iter(lambda: s.recv(4096), b""))
+        wait_until(lambda: any(e.get("event") == "handoff-rejected" for e in first.events), 5)
+        [rejected] = [e for e in first.events if e.get("event") == "handoff-rejected"]
+        assert rejected["reason"].startswith("garbage bytes"), rejected
+        assert echoes(first.address)
+        # The successor opens its own control at the same path once the first has sealed.
+        with ServeProcess(connlab_serve_argv("poll", take_over=control, control=control)) as second:
+            assert first.wait_exit(timeout=10).returncode == 0
+            with ServeProcess(connlab_serve_argv("blocking", take_over=control)) as third:
+                assert second.wait_exit(timeout=10).returncode == 0
+                assert third.address[1] == first.address[1]
+                assert echoes(third.address)
 
 
 def test_connlab_handoff_reports_each_pair(tmp_path: Path) -> None:
