@@ -35,7 +35,7 @@ def pair_list(text: str) -> list[tuple[str, str]]:
 
 
 def _ms(cell: dict[str, float] | None) -> str:
-    return "-" if cell is None else f"{cell['median']:.2f} (max {cell['max']:.2f})"
+    return "-" if cell is None else f"{cell['median']:.2f} / {cell['max']:.2f}"
 
 
 def cmd_handoff(args: argparse.Namespace) -> int:
@@ -46,13 +46,15 @@ def cmd_handoff(args: argparse.Namespace) -> int:
     and to the successor's first accepted connection; the incumbent's drain; and the longest
     connect-to-echo time of the churn spanning the switch against the same churn without one.
     Exits 1 if a churned connection was refused, reset or lost, or the incumbent forced one."""
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, width=max(Console().width, 120))
     progress, step = _progress(console, args.repetitions * len(args.pairs))
     with progress:
         switches = handoff.run(args.pairs, args.repetitions, step)
     rows = handoff.summary(switches)
-    table = Table(title=f"connlab handoff: median (max) over {args.repetitions} runs, ms")
-    heads = ("pair", "accepting", "sealed", "first accept", "drain", "churn max", "no-switch max", "errors")
+    table = Table(
+        title=f"connlab handoff: median / max over {args.repetitions} runs, ms from the take-over request"
+    )
+    heads = ("pair", "accepting", "sealed", "1st accept", "drain", "churn max", "no-switch max", "errors")
     for h in heads:
         table.add_column(h, justify="left" if h in ("pair", "errors") else "right")
     for r in rows:
