@@ -24,7 +24,7 @@ CONNLAB = [sys.executable, "-m", "connlab"]
 
 def test_help_lists_every_command() -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"serve", "proxy", "matrix", "bench", "compare", "soak"}
+    assert set(sub.choices) == {"serve", "proxy", "matrix", "bench", "compare", "soak", "handoff"}
     run = subprocess.run([*CONNLAB, "--help"], capture_output=True, text=True, timeout=30, check=True)
     for command in sub.choices:
         assert f"\n    {command} " in run.stdout, command
@@ -62,6 +62,7 @@ def test_output_path_and_dir_say_why_a_path_cannot_be_written(tmp_path: Path) ->
         (["bench", "--json", "{missing}/x.json"], "argument --json: cannot write {missing}/x.json"),
         (["soak", "--backend", "epoll", "--json", "{missing}/x.json"], "cannot write {missing}/x.json"),
         (["compare", "--out", "{file}/report"], "argument --out: cannot write into {file}/report"),
+        (["handoff", "--json", "{missing}/x.json"], "argument --json: cannot write {missing}/x.json"),
     ],
 )
 def test_a_bad_output_path_fails_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
