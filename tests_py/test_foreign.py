@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -346,3 +347,70 @@ def test_a_server_that_takes_a_read_for_a_frame_fails_f5_and_passes_h1(tmp_path:
     # Which rows break depends on how the slices coalesce in the server's reads; some always do.
     assert status == "fail" and detail.startswith("Failed: through the slow network: H"), detail
     assert "TimeoutError: timed out (in recv_exact" in detail, detail
+
+
+def handoff_pair(*defect: str) -> tuple[str, ...]:
+    """`connlab matrix` options for a foreign incumbent (with `defect`) and a foreign successor."""
+    incumbent = foreign("--control", "{control}", *defect)
+    return ("--serve-cmd", incumbent, "--handoff-cmd", foreign("--port", "0", "--take-over", "{control}"))
+
+
+@pytest.mark.parametrize(
+    ("defect", "named"),
+    [
+        ((), None),
+        (
+            ("--handoff-defect", "close-listener"),
+            ["100 persistent connections reset (client 0, 1, 2, 3, 4 ...), 400 frames in flight"],
+        ),
+        (
+            ("--handoff-defect", "shutdown-listener"),
+            ["connects refused (persistent clients reconnecting)", "bindable by a third party"],
+        ),
+    ],
+    ids=["drains", "close-listener", "shutdown-listener"],
+)
+def test_s5_passes_a_handoff_that_drains_and_fails_one_that_resets_or_unlistens(
+    tmp_path: Path, defect: tuple[str, ...], named: list[str] | None
+) -> None:
+    """The same foreign server, its handoff written from the protocol's description: draining, it
+    passes S5; resetting its connections at the seal (and reporting them drained) or shutting the
+    shared listening socket down (which stops it listening for the successor too), it fails,
+    named by what the clients saw, not by what the server reported."""
+    out = tmp_path / "m.json"
+    code, text = matrix(*handoff_pair(*defect), "--only", "S5", "--json", str(out))
+    status, detail = results(out)["S5"]
+    if named is None:
+        assert code == 0 and status == "pass", text
+        assert re.search(r"the incumbent drained 1\d\d connections; 400 persistent", detail), detail
+        return
+    assert code == 1 and status == "fail", text
+    assert detail.startswith("Failed: during the handoff: "), detail
+    for words in named:
+        assert words in detail, detail
+
+
+def test_s5_is_na_without_a_handoff_and_the_successor_needs_control(tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    no_control = (
+        "--serve-cmd",
+        foreign(),
+        "--handoff-cmd",
+        foreign("--port", "0", "--take-over", "{control}"),
+    )
+    for args, why in [
+        (("--serve-cmd", foreign("--control", "{control}")), "no --handoff-cmd starts a successor"),
+        (no_control, "its command takes no {control} (the path of its handoff control socket)"),
+    ]:
+        code, text = matrix(*args, "--only", "S5", "--json", str(out))
+        status, detail = results(out)["S5"]
+        assert code == 0 and status == "n/a", text
+        assert detail == f"the server claims no handoff: {why}", detail
+    with running("--sigterm", "exit") as server:
+        code, text = matrix("--target", "{}:{}".format(*server.address), "--only", "S5", "--json", str(out))
+    status, detail = results(out)["S5"]
+    assert code == 0 and status == "n/a" and "cannot start a successor beside a running server" in detail
+    code, text = matrix("--serve-cmd", foreign(), "--handoff-cmd", foreign("--take-over", "/tmp/x"))
+    assert code == 2 and "--handoff-cmd: the successor's command must take" in text, text
+    code, text = matrix("--backends", "epoll", "--handoff-cmd", "x {control}")
+    assert code == 2 and "--handoff-cmd: only with --serve-cmd" in text, text

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from connlab.matrix import report
-from connlab.matrix.core import Result, repeated
+from connlab.matrix.core import Options, Result, Target, command_handle, repeated
 
 BROKEN = Path(__file__).with_name("broken_servers.py")
 CONNLAB = [sys.executable, "-m", "connlab"]
@@ -111,6 +111,7 @@ def test_help_explains_every_option() -> None:
         "--target",
         "--pid",
         "--serve-cmd",
+        "--handoff-cmd",
         "--only",
         "--json",
         "--junit",
@@ -226,11 +227,19 @@ SERVE_CLAIMS = [
 ]
 
 
+def serve_cmd(*args: str) -> str:
+    return shlex.join([sys.executable, "-m", "connlab", "serve", *args])
+
+
 def test_whole_matrix_against_a_server_command(tmp_path: Path) -> None:
-    """Every scenario that applies to a launched server passes; the rest skip with a reason."""
+    """Every scenario that applies to a launched server passes; the rest skip with a reason. Each
+    server opens a handoff control socket at its {control}, and S5 hands it over to a successor."""
     out = tmp_path / "m.json"
-    cmd = f"{shlex.quote(sys.executable)} -m connlab serve --backend epoll --port 0 {SERVE_FLAGS}"
-    code, text = matrix("--serve-cmd", cmd, "--json", str(out), *SERVE_CLAIMS, timeout=600)
+    cmd = serve_cmd("--backend", "epoll", "--port", "0", "--control", "{control}", *SERVE_FLAGS.split())
+    successor = serve_cmd("--backend", "epoll", "--take-over", "{control}", "--control", "{control}")
+    code, text = matrix(
+        "--serve-cmd", cmd, "--handoff-cmd", successor, "--json", str(out), *SERVE_CLAIMS, timeout=600
+    )
     results = json.loads(out.read_text())["results"]
     assert code == 0, text
     skipped = {r["scenario"]: r["detail"] for r in results if r["status"] == "skip"}
@@ -258,4 +267,31 @@ def test_whole_matrix_against_a_running_server_with_pid(tmp_path: Path) -> None:
     skipped = {r["scenario"] for r in results if r["status"] == "skip"}
     # What needs the matrix to stop, restart or relaunch the server, or to configure it.
     assert skipped == {"C2", "L2", "P2", "P3", "S1", "S2", "S3", "S4"}, skipped
-    assert len(results) == 37
+    assert len(results) == 38
+    s5 = next(r for r in results if r["scenario"] == "S5")
+    assert s5["status"] == "n/a" and "cannot start a successor beside a running server" in s5["detail"], s5
+
+
+def test_s5_hands_a_listener_over_between_two_backends_in_two_processes(tmp_path: Path) -> None:
+    """blocking (a thread per connection) hands its listener to tokio: the successor is held to a
+    fresh tokio that took an idle server over, not to the incumbent's own thread count."""
+    out = tmp_path / "m.json"
+    cmd = serve_cmd("--backend", "blocking", "--port", "{port}", "--control", "{control}")
+    successor = serve_cmd("--backend", "tokio", "--take-over", "{control}")
+    code, text = matrix("--serve-cmd", cmd, "--handoff-cmd", successor, "--only", "S5", "--json", str(out))
+    (result,) = json.loads(out.read_text())["results"]
+    assert code == 0 and result["status"] == "pass", text
+    assert "400 persistent" in result["detail"], result
+
+
+def test_a_command_gets_a_fresh_control_path_removed_with_it() -> None:
+    cmd = serve_cmd("--backend", "poll", "--port", "0", "--control", "{control}")
+    handle = command_handle(cmd, {}, Options())
+    try:
+        assert handle.control is not None and Path(handle.control).is_socket(), handle.control
+        assert handle.process.events[0]["control"] == handle.control, handle.process.events
+    finally:
+        handle.close()
+    assert not Path(handle.control).parent.exists()
+    with pytest.raises(ValueError, match=r"must take the control socket's path as \{control\}"):
+        Target.from_command(cmd, handoff="connlab serve --backend poll --take-over /tmp/c")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+
 import pytest
 
 from connlab.process import ServeProcess, connlab_serve_argv
@@ -121,3 +124,26 @@ def test_a_claim_must_be_a_number_or_none(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(
         ["*--connlab-read-timeout: expected a number of seconds or none, got 'soon'*"]
     )
+
+
+def test_handoff_cmd_runs_s5_against_a_server_command(pytester: pytest.Pytester) -> None:
+    serve = shlex.join([sys.executable, "-m", "connlab", "serve", "--backend", "poll"])
+    result = pytester.runpytest_subprocess(
+        "--pyargs",
+        "connlab.testing",
+        "-k",
+        "S5",
+        f"--connlab-serve-cmd={serve} --port 0 --control {{control}}",
+        f"--connlab-handoff-cmd={serve} --take-over {{control}} --control {{control}}",
+        "-v",
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*test_scenario?command-S5? PASSED*"])
+    result = pytester.runpytest_subprocess(
+        "--pyargs", "connlab.testing", "-k", "S5", "-rs", f"--connlab-serve-cmd={serve}"
+    )
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*n/a: the server claims no handoff: its command takes no {control}*"])
+    result = pytester.runpytest("--pyargs", "connlab.testing", "--connlab-handoff-cmd=x {control}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--connlab-handoff-cmd: only with --connlab-serve-cmd*"])

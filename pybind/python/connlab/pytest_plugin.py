@@ -2,7 +2,8 @@
 matrix options, and a scenario x target grid.
 
 Options (each mirrored by an ini key of the same name without the dashes' prefix):
-`--connlab-backends`, `--connlab-target HOST:PORT`, `--connlab-pid PID`, `--connlab-serve-cmd CMD`,
+`--connlab-backends`, `--connlab-target HOST:PORT`, `--connlab-pid PID`, `--connlab-serve-cmd CMD`
+(with `--connlab-handoff-cmd CMD`, the successor that takes its listener over, for S5),
 the server's claims `--connlab-idle-timeout`, `--connlab-read-timeout`, `--connlab-write-timeout`,
 `--connlab-max-frame` (a number, or none; not given: absent for a target or command, the
 matrix's short ones for backends), `--connlab-byte-echo`, `--connlab-max-connections`, and
@@ -44,6 +45,13 @@ _OPTIONS = [
         str,
         None,
         "a command that starts a server printing its host:port (launched per scenario)",
+    ),
+    (
+        "--connlab-handoff-cmd",
+        "connlab_handoff_cmd",
+        str,
+        None,
+        "with --connlab-serve-cmd: a successor's command taking the listener over from {control} (S5)",
     ),
     ("--connlab-idle-timeout", "connlab_idle_timeout", str, None, "the server's idle timeout: S or none"),
     ("--connlab-read-timeout", "connlab_read_timeout", str, None, "the server's read timeout: S or none"),
@@ -107,8 +115,11 @@ def _selected_backends(config: pytest.Config) -> list[str]:
 
 def _targets(config: pytest.Config) -> list[Target]:
     target, pid, cmd = (_value(config, n) for n in ("connlab_target", "connlab_pid", "connlab_serve_cmd"))
+    handoff = _value(config, "connlab_handoff_cmd")
     if pid is not None and target is None:
         raise pytest.UsageError("--connlab-pid: only with --connlab-target")
+    if handoff is not None and cmd is None:
+        raise pytest.UsageError("--connlab-handoff-cmd: only with --connlab-serve-cmd")
     if target is not None and cmd is not None:
         raise pytest.UsageError("--connlab-target and --connlab-serve-cmd: give one")
     if target is not None:
@@ -117,7 +128,10 @@ def _targets(config: pytest.Config) -> list[Target]:
         except ValueError as err:
             raise pytest.UsageError(f"--connlab-target: {err}") from None
     if cmd is not None:
-        return [Target.from_command(str(cmd))]
+        try:
+            return [Target.from_command(str(cmd), handoff=None if handoff is None else str(handoff))]
+        except ValueError as err:
+            raise pytest.UsageError(f"--connlab-handoff-cmd: {err}") from None
     return [Target.in_process(b) for b in _selected_backends(config)]
 
 

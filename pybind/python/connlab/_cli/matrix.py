@@ -84,6 +84,16 @@ def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> No
         "in) accepts a connection",
     )
     p.add_argument(
+        "--handoff-cmd",
+        metavar="CMD",
+        help="with --serve-cmd: your server hands its listening socket over (S5). The server command "
+        "takes {control}, the path of its handoff control socket (a fresh one, filled in), and CMD "
+        "starts a successor that takes the listener over from the server at {control} and prints a "
+        "HOST:PORT line once it has; without both, S5 is n/a. For connlab serve: --serve-cmd "
+        "'connlab serve --backend B --port {port} --control {control}' --handoff-cmd "
+        "'connlab serve --backend B --take-over {control} --control {control}'",
+    )
+    p.add_argument(
         "--pid",
         type=positive_int,
         help="with --target: the server's pid; fds and threads are counted over its process tree",
@@ -176,10 +186,15 @@ def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> No
 def _targets(args: argparse.Namespace) -> list[Target]:
     if args.pid and not args.target:
         raise ValueError("--pid: only with --target")
+    if args.handoff_cmd and not args.serve_cmd:
+        raise ValueError("--handoff-cmd: only with --serve-cmd")
     if args.target:
         return [Target.external(args.target, args.pid, name=args.name)]
     if args.serve_cmd:
-        return [Target.from_command(args.serve_cmd, name=args.name)]
+        try:
+            return [Target.from_command(args.serve_cmd, name=args.name, handoff=args.handoff_cmd)]
+        except ValueError as err:
+            raise ValueError(f"--handoff-cmd: {err}") from None
     return [Target.in_process(n) for n in args.backends]
 
 

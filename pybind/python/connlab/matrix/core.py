@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -233,7 +235,9 @@ class InProcessHandle(Handle):
 
 class ChildHandle(Handle):
     """A server process the matrix launched (`connlab serve` or a `--serve-cmd`): ready when it
-    prints its host:port or its `{port}` accepts; SIGTERM asks it to stop."""
+    prints its host:port or its `{port}` accepts; SIGTERM asks it to stop. `control` is the path
+    of its handoff control socket (the command's `{control}`), in a directory of its own that goes
+    with the handle."""
 
     def __init__(
         self,
@@ -243,11 +247,21 @@ class ChildHandle(Handle):
         port: int | None = None,
         nofile: int | None = None,
         start_timeout: float = 10.0,
+        control: str | None = None,
     ) -> None:
         self.kwargs = kwargs
-        self.process = ServeProcess(argv, port=port, nofile=nofile, start_timeout=start_timeout)
+        self.control = control
+        try:
+            self.process = ServeProcess(argv, port=port, nofile=nofile, start_timeout=start_timeout)
+        except BaseException:
+            self._remove_control()
+            raise
         self.pid = self.process.pid
         self.address = self.process.address
+
+    def _remove_control(self) -> None:
+        if self.control is not None:
+            shutil.rmtree(os.path.dirname(self.control), ignore_errors=True)
 
     def stop(self, grace: float = 1.0) -> dict[str, Any]:
         """SIGTERM, then waits for the exit (`connlab serve` reports drained/forced): the report
@@ -274,10 +288,11 @@ class ChildHandle(Handle):
 
     def close(self) -> None:
         self.process.close()
+        self._remove_control()
 
     def kill(self) -> None:
         self.process.kill()
-        self.process.close()
+        self.close()
 
 
 class ProxiedHandle(Handle):
@@ -318,7 +333,9 @@ class ExternalHandle(Handle):
 @dataclass(frozen=True)
 class Target:
     """What the matrix runs against: an in-process backend, a command it launches, or an
-    external address (with an optional pid)."""
+    external address (with an optional pid). A command may take `{port}` (a free port) and
+    `{control}` (the path of its handoff control socket); `handoff` is then the command of a
+    successor that takes the listener over from the control socket at its `{control}`."""
 
     name: str
     kind: str
@@ -326,14 +343,21 @@ class Target:
     command: str | None = None
     address: tuple[str, int] | None = None
     pid: int | None = None
+    handoff: str | None = None
 
     @classmethod
     def in_process(cls, backend: str) -> Target:
         return cls(name=backend, kind=IN_PROCESS, backend=backend)
 
     @classmethod
-    def from_command(cls, command: str, name: str | None = None) -> Target:
-        return cls(name=name or "command", kind=COMMAND, command=command)
+    def from_command(cls, command: str, name: str | None = None, handoff: str | None = None) -> Target:
+        """Raises ValueError when `handoff` has no `{control}`: the successor could not find the
+        server it takes over from."""
+        if handoff is not None and "{control}" not in handoff:
+            raise ValueError(
+                f"the successor's command must take the control socket's path as {{control}}: {handoff!r}"
+            )
+        return cls(name=name or "command", kind=COMMAND, command=command, handoff=handoff)
 
     @classmethod
     def external(cls, address: str, pid: int | None = None, name: str | None = None) -> Target:
@@ -417,13 +441,21 @@ def command_handle(
     command: str, kwargs: dict[str, Any], options: Options, port: int | None = None, nofile: int | None = None
 ) -> ChildHandle:
     """A server command launched once: `{port}` in it is `port` (a free one by default), and the
-    server is ready when it prints its address or that port accepts."""
+    server is ready when it prints its address or that port accepts; `{control}` is a path in a
+    fresh directory (removed with the handle), for its handoff control socket."""
+    control = None
+    if "{control}" in command:
+        control = os.path.join(tempfile.mkdtemp(prefix="connlab-control-"), "control.sock")
+        command = command.replace("{control}", shlex.quote(control))
     if "{port}" in command:
         port = free_port() if port is None else port
-        argv = shlex.split(command.replace("{port}", str(port)))
+        command = command.replace("{port}", str(port))
     else:
-        port, argv = None, shlex.split(command)
-    return ChildHandle(argv, kwargs, port=port, nofile=nofile, start_timeout=options.start_timeout)
+        port = None
+    argv = shlex.split(command)
+    return ChildHandle(
+        argv, kwargs, port=port, nofile=nofile, start_timeout=options.start_timeout, control=control
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -503,6 +535,8 @@ class Context:
             self._started_s += time.monotonic() - self._starting_since
             self._starting_since = None
         self.handles.append(handle)
+        if self.cancelled.is_set():
+            handle.kill()  # started after `abort` ended the others: nothing else would end it
         self.check_cancelled()
         return handle
 
@@ -563,7 +597,9 @@ class Context:
         for proxy in self.proxies:
             proxy.close()
         problems = []
-        for guard, handle in self.guards:
+        # The latest server first: a successor that took over a listener is gone before its
+        # incumbent's guard (taken before either started) counts the process.
+        for guard, handle in reversed(self.guards):
             if isinstance(handle, ChildHandle):
                 # A child is checked while it runs (it is gone after), once clients are closed; one
                 # the scenario stopped itself has no fds or threads left to count.

@@ -1,17 +1,20 @@
-"""Shutdown: stop() with idle clients, with answers in flight, in the middle of churn, and a
-hundred restarts on one port."""
+"""Shutdown: stop() with idle clients, with answers in flight, in the middle of churn, a
+hundred restarts on one port, and a listener handed over to a successor under load."""
 
 from __future__ import annotations
 
 import os
 import selectors
+import shlex
 import socket
+import struct
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from connlab.client import abort, encode, open_client, read_frame, recv_exact, wait_until
@@ -20,18 +23,23 @@ from connlab.matrix.checks import (
     expect_eof,
     frame_limit,
     listener_inodes,
+    need_fds,
     quiescent_stats,
+    still_serves,
     wait_held,
     wait_listener_closed,
 )
 from connlab.matrix.core import (
     COMMAND,
     IN_PROCESS,
+    SETTLE,
     ChildHandle,
     Context,
     Failed,
     Handle,
+    InProcessHandle,
     LeakGuard,
+    NotApplicable,
     Server,
     Skip,
     check,
@@ -481,3 +489,641 @@ def _s4_command(ctx: Context) -> None:
             handle.close()
         leaks = LeakGuard(pid=None).check(port)
         check(not leaks, f"after start {n + 1}: {', '.join(leaks)}")
+
+
+#: S5's load: persistent clients and the frames each keeps in flight, churn threads, and the
+#: answers each persistent client gets from the successor before the row winds down.
+PERSISTENT = 100
+IN_FLIGHT = 4
+CHURNERS = 10
+AFTER = 20
+
+#: A persistent client's frame: (client, sequence number), repeated to 32 bytes.
+PIPE_FRAME = struct.Struct(">II")
+PIPE_FRAME_LEN = 4 + 4 * PIPE_FRAME.size
+
+#: A churned frame never read (EOF before its answer) is sent again on at most this many new
+#: connections before it counts as lost.
+RESENDS = 3
+
+
+def _pipe_frame(client: int, seq: int) -> bytes:
+    return encode(PIPE_FRAME.pack(client, seq) * 4)
+
+
+def _few(ids: list[int], n: int = 5) -> str:
+    """ "3, 17, 42 ...": the first `n` of `ids`."""
+    return ", ".join(map(str, ids[:n])) + (" ..." if len(ids) > n else "")
+
+
+class Pipeliners:
+    """`n` persistent clients on one selector thread, each keeping `depth` frames in flight; frame
+    `seq` of client `i` carries (i, seq), so every answer is checked against the one due.
+
+    A server that closes a connection in a drain answers every frame it read and then sends a FIN:
+    the client sees EOF at a frame boundary, and the frames it sent after the FIN were never read
+    (the lingering close discards them). The client then sends those again, in order, on a new
+    connection. So across its connections every frame a client sends is answered exactly once and
+    in order, or the server lost, duplicated or reordered one. Once the client thread runs, only
+    it writes the attributes; the scenario reads counts meanwhile and the rest after `finish`."""
+
+    def __init__(self, address: tuple[str, int], n: int, depth: int) -> None:
+        self.address = address
+        self.depth = depth
+        self.socks: list[socket.socket | None] = [None] * n
+        #: The next sequence number client i sends, and the one whose answer is due; while
+        #: winding down, the first it will not send (None before).
+        self.sent = [0] * n
+        self.acked = [0] * n
+        self.limit: list[int] | None = None
+        #: Bytes of an answer received so far, and frames not yet written, per client.
+        self.partial = [b""] * n
+        self.out = [bytearray() for _ in range(n)]
+        #: Connections client i has opened, and answers on its current one.
+        self.conns = [0] * n
+        self.answers_here = [0] * n
+        #: How the server ended each of client i's connections: (connection number from 1, "eof"
+        #: or what else, when, frames sent on it and not answered).
+        self.ends: list[list[tuple[int, str, float, int]]] = [[] for _ in range(n)]
+        #: Frames sent again after an EOF; connects refused; what else went wrong, per client.
+        self.resent = 0
+        self.refused = 0
+        self.problems: dict[int, str] = {}
+        #: Clients to connect (again) at the next turn of the loop: their connection ended, or
+        #: their connect was refused.
+        self.unconnected: set[int] = set()
+        #: Set by `finish`: no new frame is sent (those unanswered still are, after an EOF).
+        self.winding = threading.Event()
+        #: Set when the thread is to end; no connection is opened after it.
+        self.done = threading.Event()
+        self.sel = selectors.DefaultSelector()
+        #: The events client i's socket is registered for (read; write too while `out` holds bytes).
+        self.interest = [0] * n
+        for i in range(n):
+            self._connect(i)
+        if any(sock is None for sock in self.socks):
+            self.close()
+            raise Failed(f"persistent clients could not connect: {self.refused} refused, {self.problems}")
+        self.thread = threading.Thread(target=self._run, name="s5-persistent", daemon=True)
+        self.thread.start()
+
+    def least_answered(self) -> int:
+        """The fewest answers any client has had on its current connection."""
+        return min(self.answers_here)
+
+    def _run(self) -> None:
+        try:
+            for i in range(len(self.socks)):
+                self._fill(i)
+            while not self.done.is_set():
+                if self.winding.is_set() and self.limit is None:
+                    self.limit = list(self.sent)
+                for i in sorted(self.unconnected):
+                    self._connect(i)
+                for key, events in self.sel.select(0.02):
+                    if events & selectors.EVENT_WRITE:
+                        self._flush(key.data)
+                    if events & selectors.EVENT_READ:
+                        self._read(key.data)
+        except Exception as err:  # reported by the scenario
+            self.problems.setdefault(-1, f"the persistent clients' thread: {type(err).__name__}: {err}")
+
+    def _connect(self, i: int) -> None:
+        try:
+            sock = open_client(self.address)
+        except ConnectionRefusedError:
+            self.refused += 1
+            self.unconnected.add(i)
+            return
+        except OSError as err:
+            self.problems.setdefault(i, f"connect: {type(err).__name__}: {err}")
+            self.unconnected.discard(i)
+            return
+        self.unconnected.discard(i)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        self.socks[i] = sock
+        self.conns[i] += 1
+        self.answers_here[i] = 0
+        self.interest[i] = selectors.EVENT_READ
+        self.sel.register(sock, selectors.EVENT_READ, i)
+        self._fill(i)
+
+    def _fill(self, i: int) -> None:
+        if self.socks[i] is None:
+            return
+        limit = self.limit[i] if self.limit is not None else None
+        while self.sent[i] - self.acked[i] < self.depth and (limit is None or self.sent[i] < limit):
+            self.out[i] += _pipe_frame(i, self.sent[i])
+            self.sent[i] += 1
+        self._flush(i)
+
+    def _flush(self, i: int) -> None:
+        sock = self.socks[i]
+        if sock is None:
+            return
+        try:
+            if self.out[i]:
+                del self.out[i][: sock.send(self.out[i])]
+        except BlockingIOError:
+            pass
+        except OSError as err:
+            self._ended(i, _how(err))
+            return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out[i] else 0)
+        if want != self.interest[i]:
+            self.interest[i] = want
+            self.sel.modify(sock, want, i)
+
+    def _read(self, i: int) -> None:
+        sock = self.socks[i]
+        if sock is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            self._ended(i, _how(err))
+            return
+        if not data:
+            self._ended(i, "eof")
+            return
+        buf = self.partial[i] + data
+        while len(buf) >= PIPE_FRAME_LEN:
+            answer, buf = buf[:PIPE_FRAME_LEN], buf[PIPE_FRAME_LEN:]
+            if self.acked[i] < self.sent[i] and answer == _pipe_frame(i, self.acked[i]):
+                self.acked[i] += 1
+                self.answers_here[i] += 1
+                continue
+            client, seq = PIPE_FRAME.unpack_from(answer, 4)
+            if client == i and seq < self.acked[i]:
+                self.problems.setdefault(i, f"frame {seq} answered twice")
+            else:
+                due = f"frame {self.acked[i]}" if self.acked[i] < self.sent[i] else "no answer"
+                self.problems.setdefault(i, f"an answer {answer[:12].hex()}... when {due} was due")
+            self._drop(i)
+            return
+        self.partial[i] = buf
+        self._fill(i)
+
+    def _ended(self, i: int, how: str) -> None:
+        """The server ended client i's connection: the frames it had not answered go again on a
+        new one (after an EOF: they were never read; after a reset: the row has failed anyway)."""
+        if how == "eof" and self.partial[i]:
+            how = f"EOF after {len(self.partial[i])} bytes of an answer"
+        unanswered = self.sent[i] - self.acked[i]
+        self.ends[i].append((self.conns[i], how, time.monotonic(), unanswered))
+        self._drop(i)
+        if how == "eof":
+            self.resent += unanswered
+        self.sent[i] = self.acked[i]
+        self.unconnected.add(i)
+
+    def _drop(self, i: int) -> None:
+        sock = self.socks[i]
+        if sock is not None:
+            self.sel.unregister(sock)
+            sock.close()
+            self.socks[i] = None
+        self.partial[i] = b""
+        self.out[i].clear()
+
+    def finish(self, timeout: float) -> None:
+        """Stops sending new frames, waits (up to `timeout` s) for the answers still due, then
+        closes every connection (a FIN: the client leaves) and ends the thread."""
+        self.winding.set()
+        with suppress(TimeoutError):  # what is missing then is judged by `verdict`
+            wait_until(
+                lambda: self.limit is not None and self.acked == self.limit,
+                timeout,
+                interval=0.01,
+                what="the persistent clients' last answers",
+            )
+        self.close()
+
+    def close(self) -> None:
+        self.done.set()
+        if getattr(self, "thread", None) is not None:
+            self.thread.join(5.0)
+        for i in range(len(self.socks)):
+            self._drop(i)
+        self.sel.close()
+
+    def verdict(self, handoff_at: float) -> list[str]:
+        """What went wrong, each naming the clients: every first connection (to the incumbent)
+        must end by EOF after the handoff began, no other connection may be ended by the server,
+        and every frame sent must have been answered once, in order."""
+        found: list[str] = []
+        resets = [i for i, ends in enumerate(self.ends) if any(how == "reset" for _, how, _, _ in ends)]
+        if resets:
+            lost = sum(u for ends in self.ends for _, how, _, u in ends if how == "reset")
+            found.append(
+                f"{len(resets)} persistent connections reset (client {_few(resets)}), "
+                f"{lost} frames in flight on them unanswered"
+            )
+        never = [i for i, ends in enumerate(self.ends) if not ends]
+        if never:
+            found.append(
+                f"{len(never)} persistent connections never closed by the drain (client {_few(never)})"
+            )
+        early = [i for i, ends in enumerate(self.ends) if ends and ends[0][2] < handoff_at]
+        if early:
+            found.append(
+                f"{len(early)} persistent connections closed by the server before the handoff "
+                f"(client {_few(early)}: {self.ends[early[0]][0][1]})"
+            )
+        odd = [(i, e) for i, ends in enumerate(self.ends) for e in ends if e[1] not in ("eof", "reset")]
+        if odd:
+            found.append(f"persistent client {odd[0][0]}: connection {odd[0][1][0]} ended by {odd[0][1][1]}")
+        again = [i for i, ends in enumerate(self.ends) if len(ends) > 1 and i not in resets]
+        if again:
+            i = again[0]
+            found.append(
+                f"{len(again)} persistent clients' connections to the successor ended by the server "
+                f"during the row (client {i}: {', '.join(how for _, how, _, _ in self.ends[i][1:])})"
+            )
+        if self.refused:
+            found.append(f"{self.refused} connects refused (persistent clients reconnecting)")
+        for i, problem in sorted(self.problems.items())[:3]:
+            found.append(f"persistent client {i}: {problem}" if i >= 0 else problem)
+        if self.limit is not None:
+            short = [i for i, (a, want) in enumerate(zip(self.acked, self.limit, strict=True)) if a < want]
+            if short:
+                missing = sum(self.limit[i] - self.acked[i] for i in short)
+                found.append(
+                    f"{missing} frames of {len(short)} persistent clients never answered "
+                    f"(client {_few(short)})"
+                )
+        return found
+
+
+def _how(err: OSError) -> str:
+    """How a connection ended, from the error a call on it raised."""
+    if isinstance(err, ConnectionResetError | BrokenPipeError):
+        return "reset"
+    return f"{type(err).__name__}: {err}"
+
+
+class HandoffChurn:
+    """`n` threads that each connect, send one frame, read its answer and close (a FIN), until
+    stopped. A refused connect and a reset are counted; an EOF before any byte of the answer means
+    the server never read the frame (a drain's lingering close discards it): it is sent again on a
+    new connection (at most `RESENDS` times), and counted."""
+
+    def __init__(self, address: tuple[str, int], n: int) -> None:
+        self.address = address
+        self.lock = threading.Lock()
+        #: "connects", "answered", "refused", "reset", "resent", under `lock`.
+        self.counts: Counter[str] = Counter()
+        #: What else went wrong (a wrong or cut answer, a frame never read, an error), in order.
+        self.problems: list[str] = []
+        #: Set by `stop`: each thread ends after its current frame.
+        self.done = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(k,), name=f"s5-churn-{k}", daemon=True) for k in range(n)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def count(self, what: str) -> int:
+        with self.lock:
+            return self.counts[what]
+
+    def _add(self, what: str) -> None:
+        with self.lock:
+            self.counts[what] += 1
+
+    def _run(self, k: int) -> None:
+        seq = 0
+        try:
+            while not self.done.is_set():
+                frame = encode(PIPE_FRAME.pack(k, seq) * 8)
+                for _ in range(1 + RESENDS):
+                    if self._once(k, seq, frame) != "unread":
+                        break
+                    self._add("resent")
+                else:
+                    self.problems.append(
+                        f"churn thread {k}: frame {seq} never read on {1 + RESENDS} connections"
+                    )
+                seq += 1
+        except Exception as err:  # reported by the scenario
+            self.problems.append(f"churn thread {k}: {type(err).__name__}: {err}")
+
+    def _once(self, k: int, seq: int, frame: bytes) -> str:
+        """One connection: "answered", "unread" (EOF before any byte of the answer), or "failed"
+        (counted, or said in `problems`)."""
+        try:
+            got = self._exchange(frame)
+        except ConnectionRefusedError:
+            self._add("refused")
+            self.done.wait(0.005)
+            return "failed"
+        except (ConnectionResetError, BrokenPipeError):
+            self._add("reset")
+            return "failed"
+        except OSError as err:
+            self.problems.append(f"churn thread {k}, frame {seq}: {type(err).__name__}: {err}")
+            return "failed"
+        if got == frame:
+            self._add("answered")
+            return "answered"
+        if not got:
+            return "unread"
+        what = f"cut after {len(got)} of {len(frame)} bytes" if len(got) < len(frame) else "wrong"
+        self.problems.append(f"churn thread {k}, frame {seq}: its answer {what}")
+        return "failed"
+
+    def _exchange(self, frame: bytes) -> bytes:
+        """Connects, sends `frame`, reads its answer until whole or EOF, and closes (a FIN)."""
+        with open_client(self.address) as sock:
+            self._add("connects")
+            sock.sendall(frame)
+            got = b""
+            while len(got) < len(frame) and (chunk := sock.recv(len(frame) - len(got))):
+                got += chunk
+        return got
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.done.set()
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = sum(t.is_alive() for t in self.threads)
+        if alive:
+            self.problems.append(f"{alive} churn threads still running {timeout:g} s after they were stopped")
+
+    def verdict(self) -> list[str]:
+        found = []
+        if n := self.count("refused"):
+            found.append(f"{n} connects refused (churn)")
+        if n := self.count("reset"):
+            found.append(f"{n} churned connections reset")
+        return found + self.problems[:3]
+
+
+class PortWatch:
+    """A third party trying to bind the server's port (SO_REUSEADDR, as a restarting server
+    would) every millisecond until stopped: it fails while any listening socket holds the port,
+    so a success means the listener was closed at some instant."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.tries = 0
+        #: When a bind succeeded (monotonic seconds).
+        self.bound: list[float] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="s5-bind", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        host, port = self.address
+        while not self.done.is_set():
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((host, port))
+                    self.bound.append(time.monotonic())
+                except OSError:
+                    pass
+            self.tries += 1
+            self.done.wait(0.001)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(5.0)
+
+    def verdict(self, since: float) -> list[str]:
+        if not self.bound:
+            return []
+        return [
+            f"port {self.address[1]} bindable by a third party {len(self.bound)} times in {self.tries} "
+            f"tries, first {self.bound[0] - since:.3f} s after the handoff began"
+        ]
+
+
+def _handoff_claimed(ctx: Context) -> None:
+    """n/a unless the matrix can start a successor: in-process always; a server command that takes
+    `{control}`, with the successor's command (`--handoff-cmd`)."""
+    kind = ctx.target.kind
+    if kind == IN_PROCESS:
+        return
+    serve, handoff = ctx.options.option("serve_cmd"), ctx.options.option("handoff_cmd")
+    if kind != COMMAND:
+        raise NotApplicable(
+            "the server claims no handoff: the matrix cannot start a successor beside a running "
+            f"server (give {serve} with {{control}} and {handoff})"
+        )
+    missing = []
+    if "{control}" not in (ctx.target.command or ""):
+        missing.append("its command takes no {control} (the path of its handoff control socket)")
+    if ctx.target.handoff is None:
+        missing.append(f"no {handoff} starts a successor")
+    if missing:
+        raise NotApplicable(f"the server claims no handoff: {' and '.join(missing)}")
+
+
+def _take_over_in_process(ctx: Context, incumbent: Handle, control: str) -> Handle:
+    """A server of the same backend taking the incumbent's listener over from its control socket
+    at `control`, ended with the row before the incumbent: the incumbent's leak guard, taken
+    before both started, then counts the process for both; this one's looks only at the port."""
+    assert ctx.target.backend is not None
+    backend = ctx.target.backend
+    kwargs = {k: v for k, v in incumbent.kwargs.items() if k != "control"}
+    try:
+        successor = ctx.starting(lambda: InProcessHandle(backend, {**kwargs, "take_over": control}))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise Failed(f"the take-over failed: {err}") from None
+    ctx.guards.append((LeakGuard(pid=None), successor))
+    return successor
+
+
+def _successor_of(ctx: Context, incumbent: ChildHandle, what: str = "") -> ChildHandle:
+    """The successor's command (`Target.handoff`, its `{control}` the incumbent's, its `{port}`
+    the incumbent's port), ready when it prints its address: the port accepts all along."""
+    assert ctx.target.handoff is not None and incumbent.control is not None
+    command = ctx.target.handoff.replace("{control}", shlex.quote(incumbent.control))
+    argv = shlex.split(command.replace("{port}", str(incumbent.port)))
+    try:
+        return ctx.starting(
+            lambda: ChildHandle(argv, incumbent.kwargs, start_timeout=ctx.options.start_timeout)
+        )
+    except RuntimeError as err:  # StartError: the row fails, the run goes on
+        raise Failed(f"the successor did not take over{what}: {err}") from None
+
+
+def _fresh_successor(ctx: Context) -> tuple[int, int]:
+    """The fds and threads of a successor that took over from a fresh server of the target's
+    command with no client, once settled: what the successor of the loaded server must be back
+    to once its clients are gone (the incumbent's own counts would not do: the successor may be
+    another backend, or another program)."""
+    assert ctx.target.command is not None
+    command, claimed = ctx.target.command, ctx.target.claimed(ctx.options)
+    idle = ctx.starting(lambda: command_handle(command, claimed, ctx.options))
+    try:
+        successor = _successor_of(ctx, idle, " an idle server")
+        try:
+            guard = LeakGuard(pid=successor.pid)
+            guard.baseline(settle=SETTLE)
+        finally:
+            successor.close()
+    finally:
+        idle.close()
+    assert guard.fds is not None and guard.threads is not None
+    return guard.fds, guard.threads
+
+
+def _take_over_command(ctx: Context, incumbent: Handle, fresh: tuple[int, int]) -> Handle:
+    """The successor of a server command, inside a leak guard holding it to `fresh`."""
+    assert isinstance(incumbent, ChildHandle)
+    successor = _successor_of(ctx, incumbent)
+    ctx.guards.append((LeakGuard(pid=successor.pid, fds=fresh[0], threads=fresh[1]), successor))
+    return successor
+
+
+def _incumbent_report(ctx: Context, incumbent: Handle, successor: Handle) -> tuple[list[str], dict[str, Any]]:
+    """How the incumbent says it ended (in-process: its handoff event; a process: its exit, 0, and
+    the stopped line it printed, if any) and what the successor was told of its drain: what is
+    wrong, and the drain's counts where known."""
+    found: list[str] = []
+    report: dict[str, Any] = {}
+    if isinstance(incumbent, InProcessHandle):
+        event = incumbent.server.handoff_event(5.0)
+        if event is None or event["event"] != "handed-off":
+            return [f"the incumbent did not hand off: {event}"], report
+        if not event["committed"]:
+            found.append(f"the handoff was not committed: {event['reason']}")
+        report = event
+        stats = incumbent.stats()
+        if stats["frames_in"] != stats["frames_out"]:
+            found.append(f"the incumbent read {stats['frames_in']} frames and answered {stats['frames_out']}")
+    else:
+        assert isinstance(incumbent, ChildHandle)
+        try:
+            wait_until(lambda: not incumbent.alive, timeout=5.0, what="the incumbent's exit")
+        except TimeoutError:
+            found.append("the incumbent still runs 5 s after the handoff")
+        stopped = incumbent.stop()
+        if stopped["exit"] != "exit code 0":
+            found.append(
+                f"the incumbent ended with {stopped['exit']} after the handoff, expected exit code 0"
+            )
+        if stopped.get("event") == "stopped":
+            report = stopped
+            if stopped.get("reason") != "handoff":
+                found.append(
+                    f"the incumbent's stopped line gives reason {stopped.get('reason')!r}, not handoff"
+                )
+        else:
+            ctx.note("the incumbent's drain counts: not checked (it printed no stopped line)")
+    told = _successor_report(successor)
+    if told is not None and told.get("incumbent_error"):
+        found.append(f"the successor got no drain report: {told['incumbent_error']}")
+    if not report and told is not None and told.get("incumbent"):
+        report = told["incumbent"]
+    if "forced" in report:
+        if report["forced"]:
+            found.append(f"the incumbent's drain forced {report['forced']} connections")
+        if report["drained"] + report["forced"] < PERSISTENT:
+            found.append(
+                f"the incumbent drained {report['drained']} connections, but {PERSISTENT} persistent "
+                "ones were open on it"
+            )
+    return found, report
+
+
+def _successor_report(successor: Handle) -> dict[str, Any] | None:
+    """The successor's account of the take-over: `Server.handoff`, or the "handoff" of the
+    listening line `connlab serve --take-over` prints."""
+    if isinstance(successor, InProcessHandle):
+        return successor.server.handoff
+    if isinstance(successor, ChildHandle):
+        for event in successor.process.events:
+            if event.get("event") == "listening" and isinstance(event.get("handoff"), dict):
+                return event["handoff"]
+    return None
+
+
+@scenario(
+    "S5",
+    "shutdown",
+    f"a listener handoff while {CHURNERS} threads churn connections and {PERSISTENT} persistent "
+    "connections pipeline frames",
+    budget=20,
+)
+def s5(ctx: Context) -> None:
+    _handoff_claimed(ctx)
+    need_fds(4 * PERSISTENT + 256)
+    if ctx.target.kind == IN_PROCESS:
+        with tempfile.TemporaryDirectory(prefix="connlab-s5-") as tmp:
+            control = os.path.join(tmp, "control.sock")
+            incumbent = ctx.server(control=control, idle_timeout=LONG, read_timeout=LONG)
+            _s5_handoff(ctx, incumbent, lambda: _take_over_in_process(ctx, incumbent, control))
+    else:
+        fresh = _fresh_successor(ctx)
+        incumbent = ctx.server()
+        _s5_handoff(ctx, incumbent, lambda: _take_over_command(ctx, incumbent, fresh))
+
+
+def _s5_handoff(ctx: Context, incumbent: Handle, take_over: Callable[[], Handle]) -> None:
+    """Load on `incumbent`, the handoff (`take_over()` returns the successor) in its midst, load
+    on the successor; then the clients' account, the servers' reports, and leaks."""
+    pipes = Pipeliners(incumbent.address, PERSISTENT, IN_FLIGHT)
+    churn = HandoffChurn(incumbent.address, CHURNERS)
+    watch: PortWatch | None = None
+    try:
+        wait_until(
+            lambda: pipes.least_answered() >= 10 and churn.count("answered") >= 50,
+            timeout=5.0,
+            what="every persistent client and the churn answered by the incumbent",
+        )
+        watch = PortWatch(incumbent.address)
+        began = time.monotonic()
+        successor = take_over()
+        took = time.monotonic() - began
+        check(
+            successor.address[1] == incumbent.port,
+            f"the successor listens on {successor.address}, not the incumbent's port {incumbent.port}",
+        )
+        reported, report = _incumbent_report(ctx, incumbent, successor)
+        # Every connection to the incumbent has ended by its drain; then the successor serves them.
+        with suppress(TimeoutError):
+            wait_until(
+                lambda: all(pipes.ends), timeout=2.0, what="the drain's EOF on every persistent connection"
+            )
+        watch.stop()
+        answered = churn.count("answered")
+        with suppress(TimeoutError):
+            wait_until(
+                lambda: pipes.least_answered() >= AFTER and churn.count("answered") >= answered + 50,
+                timeout=5.0,
+                what="the persistent clients and the churn answered by the successor",
+            )
+    finally:
+        churn.stop()
+        pipes.finish(timeout=3.0)
+        if watch is not None:
+            watch.stop()
+    assert watch is not None
+    found = pipes.verdict(began) + churn.verdict() + watch.verdict(began) + reported
+    check(not found, "during the handoff: " + "; ".join(found))
+    still_serves(ctx, successor, "the successor")
+    ctx.note(
+        f"take-over in {took:.3f} s; the incumbent drained {report.get('drained', '?')} connections; "
+        f"{pipes.resent} persistent and {churn.count('resent')} churned frames sent after the drain's "
+        f"FIN went again to the successor; {churn.count('connects')} churned connections; port "
+        f"bind tried {watch.tries} times"
+    )
+    if isinstance(successor, InProcessHandle):
+        successor.stop(1.0)
+        incumbent.stop(0)
+        leaks = ctx.guard_of(incumbent).check(incumbent.port)
+        check(not leaks, f"after the handoff and both servers' stops: {', '.join(leaks)}")
+    else:
+        leaks = ctx.guard_of(successor).check(successor.port)
+        check(
+            not leaks,
+            "the successor, its clients gone, against a fresh one that took an idle server over: "
+            + ", ".join(leaks),
+        )
