@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +24,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     wanted = 20_000 if hard == resource.RLIM_INFINITY else min(hard, 20_000)
     if soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    # A run started in the background (`make test &`, nohup) inherits SIGINT ignored, and every
+    # command a test starts would too: the tests that stop a command with SIGINT need it
+    # delivered. A handled signal is reset to its default in a child at exec; an ignored one is not.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 ServerFactory = Callable[..., connlab.Server]
