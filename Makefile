@@ -14,7 +14,7 @@ export PIP_QUIET := 1
 
 help:
 	@echo "make test     set up, then fmt check, clippy and rustdoc -D warnings, cargo test, ruff, pytest"
-	@echo "make compare  set up, then the matrix and the benchmark over every backend, as reports/latest/"
+	@echo "make compare  set up, then the matrix and the benchmark over every backend, as reports/<time>/ (reports/latest links to it)"
 	@echo "make build    build the native module into .venv (release)"
 	@echo "make lint     cargo fmt --check, clippy -D warnings, rustdoc -D warnings, ruff"
 	@echo "make fmt      format Rust and Python sources"
@@ -52,7 +52,7 @@ py-test: build
 test: lint rust-test py-test
 
 compare: build
-	$(BIN)/connlab compare --out reports/latest
+	$(BIN)/connlab compare
 
 clean:
 	rm -rf $(VENV) target

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
-from connlab._measure import targets
+from connlab._measure import report, targets
 from connlab._measure.bench import Workload
 
 CONNLAB = [sys.executable, "-m", "connlab"]
@@ -88,9 +90,12 @@ def test_bench_proxy_measures_each_backend_through_the_proxy_beside_it_direct(tm
 
 
 def test_compare_writes_the_report(tmp_path: Path) -> None:
-    out = tmp_path / "report"
-    run = connlab("compare", "--backends", "epoll,tokio", *TINY, "--scenarios", "H1,H3", "--out", str(out))
+    reports = tmp_path / "reports"
+    run = connlab("compare", "--backends", "epoll,tokio", *TINY, "--only", "H1,H3", "--reports", str(reports))
     assert run.returncode == 0, run.stderr
+    # The run has a directory of its own, and `latest` links to it.
+    [out] = [p for p in reports.iterdir() if p.name != "latest"]
+    assert (reports / "latest").is_symlink() and (reports / "latest").resolve() == out.resolve()
     for name in (
         "report.md",
         "report.html",
@@ -108,6 +113,24 @@ def test_compare_writes_the_report(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["machine"]["cpus"] >= 1 and {r["status"] for r in results["matrix"]} == {"pass"}
     assert "Targets" in run.stdout or "targets" in run.stdout
+
+
+def test_each_run_keeps_its_directory_and_latest_follows(tmp_path: Path) -> None:
+    root = tmp_path / "reports"
+    # A real directory left by an older connlab is kept, under its own time.
+    (root / "latest").mkdir(parents=True)
+    (root / "latest" / "report.md").write_text("old")
+    first = report.new_run_dir(root, now=1_000_000_000)
+    again = report.new_run_dir(root, now=1_000_000_000)
+    assert first.name == time.strftime("%Y%m%d-%H%M%S", time.localtime(1_000_000_000))
+    assert again.name == f"{first.name}-2", "the same second twice: a second directory"
+    report.link_latest(root, first)
+    assert (root / "latest").resolve() == first.resolve()
+    kept = [p for p in root.iterdir() if (p / "report.md").exists() and not p.is_symlink()]
+    assert [p.read_text() for p in (k / "report.md" for k in kept)] == ["old"]
+    report.link_latest(root, again)
+    assert (root / "latest").resolve() == again.resolve()
+    assert not [p for p in root.iterdir() if p.name.startswith(".latest")], "no temporary link left"
 
 
 def test_soak_smoke_passes_its_verdict(tmp_path: Path) -> None:
@@ -144,12 +167,38 @@ def test_soak_smoke_passes_its_verdict(tmp_path: Path) -> None:
         (["bench", "--churn", "10"], "expected CYCLESxPARALLEL"),
         (["bench", "--backends", "nosuch"], "unknown backends"),
         (["soak", "--backend", "epoll", "--duration", "-1"], "must be > 0"),
-        (["compare", "--scenarios", "Z1"], "unknown scenario ids"),
+        (["compare", "--only", "Z1"], "argument --only: unknown scenario ids ['Z1']"),
+        (["matrix", "--only", "H1,Z9"], "argument --only: unknown scenario ids ['Z9']"),
+        (["bench", "--connections", "0"], "argument --connections: must be > 0, got 0"),
+        (["bench", "--connections", "10,1000000"], "must be at most"),
+        (["bench", "--idle-steps", "0"], "expected two or more ascending counts"),
+        (["bench", "--idle-steps", "0,1000000"], "net.ipv4.ip_local_port_range"),
+        (["bench", "--rate", "100000000"], "argument --rate: must be at most 10,000,000 frames/s"),
+        (["bench", "--gen-threads", "1000"], "argument --gen-threads: must be at most 256 threads"),
+        (["bench", "--churn", "100000x10"], "each leaving a TIME_WAIT"),
+        (["bench", "--duration", "1e9"], "argument --duration: must be at most 3,600 (an hour)"),
+        (["soak", "--backend", "epoll", "--connections", "0"], "argument --connections: must be > 0"),
+        (["soak", "--backend", "epoll", "--max-phantoms", "-1"], "argument --max-phantoms: must be ≥ 0"),
+        (["serve", "--backend", "epoll", "--port", "70000"], "argument --port: must be at most 65,535"),
+        (["handoff", "--repetitions", "0"], "argument --repetitions: must be > 0"),
+        (["serve", "--backend", "epoll", "--workers", "0"], "argument --workers: must be > 0"),
+        (
+            ["soak", "--backend", "epoll", "--max-error-rate", "5"],
+            "argument --max-error-rate: must be at most 1",
+        ),
     ],
 )
 def test_bad_options_get_a_clear_error(args: list[str], message: str) -> None:
+    started = time.monotonic()
     run = connlab(*args)
     assert run.returncode == 2 and message in run.stderr, run.stderr
+    # Refused by argparse, before anything started: no traceback.
+    assert "Traceback" not in run.stderr and time.monotonic() - started < 10
+
+
+def test_version_is_the_installed_one() -> None:
+    run = connlab("--version")
+    assert run.returncode == 0 and run.stdout.strip() == f"connlab {version('connlab')}", run.stdout
 
 
 @pytest.mark.parametrize("command", ["bench", "soak", "compare"])
@@ -169,6 +218,7 @@ def test_help_explains_every_option(command: str) -> None:
             "--workers",
             "--pin",
             "--gen-threads",
+            "--proxy",
             "--json",
         ],
         "soak": [
@@ -182,7 +232,7 @@ def test_help_explains_every_option(command: str) -> None:
             "--max-error-rate",
             "--json",
         ],
-        "compare": ["--out", "--skip-matrix", "--scenarios", "--pin", "--repetitions"],
+        "compare": ["--out", "--skip-matrix", "--only", "--pin", "--repetitions", "--proxy"],
     }[command]
     for option in options:
         assert option in run.stdout, option

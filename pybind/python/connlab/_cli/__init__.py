@@ -10,6 +10,7 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 
 from connlab._cli import handoff, measure, proxy, serve
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="connlab",
         description="connlab: TCP server architectures side by side, over the whole life of a connection.",
     )
+    try:
+        installed = version("connlab")
+    except PackageNotFoundError:  # run from a source tree without installing
+        installed = "unknown"
+    parser.add_argument("--version", action="version", version=f"connlab {installed}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parser(sub)
     proxy.add_parser(sub)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from connlab._cli.measure import _progress
-from connlab._cli.options import output_path, positive_int
+from connlab._cli.options import output_path, repetitions
 from connlab._measure import handoff
 from connlab._native import BACKENDS
 
@@ -86,7 +86,7 @@ def add_parser(sub: Any) -> None:
         help=f"backend pairs (default: {DEFAULT_PAIRS})",
     )
     p.add_argument(
-        "--repetitions", type=positive_int, default=3, metavar="N", help="runs per pair (default: 3)"
+        "--repetitions", type=repetitions, default=3, metavar="N", help="runs per pair (default: 3)"
     )
     p.add_argument("--json", type=output_path, metavar="FILE", help="write every run and the summary as JSON")
     p.set_defaults(func=cmd_handoff)

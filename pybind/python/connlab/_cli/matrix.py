@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from connlab._cli.options import backend_list, output_path, positive_float, positive_int
+from connlab._cli.options import backend_list, output_path, positive_float, positive_int, scenario_ids
 from connlab._native import BACKENDS
 from connlab.matrix import report
 from connlab.matrix.core import (
@@ -99,7 +99,9 @@ def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> No
         help="with --target: the server's pid; fds and threads are counted over its process tree",
     )
     p.add_argument("--name", help="the target's column name in the grid (default: the target or 'command')")
-    p.add_argument("--only", metavar="IDS", help="comma-separated scenario ids to run (default: all)")
+    p.add_argument(
+        "--only", type=scenario_ids, metavar="IDS", help="comma-separated scenario ids to run (default: all)"
+    )
     p.add_argument(
         "--repeat",
         type=positive_int,
@@ -280,7 +282,7 @@ def _clock(seconds: float) -> str:
 def run_matrix(args: argparse.Namespace) -> int:
     try:
         targets = _targets(args)
-        scenarios = select([i.strip() for i in args.only.split(",")] if args.only else None)
+        scenarios = select(args.only)
         baseline = report.load_baseline(args.baseline) if args.baseline else None
         for target in targets:
             if why := target.reachable():

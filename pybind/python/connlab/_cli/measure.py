@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import fields
@@ -18,12 +17,19 @@ from connlab import matrix
 from connlab._cli.options import (
     backend_list,
     churn_spec,
+    connection_list,
+    connections,
+    fraction,
     idle_steps,
-    int_list,
+    non_negative_int,
     output_dir,
     output_path,
     positive_float,
-    positive_int,
+    rate,
+    repetitions,
+    scenario_ids,
+    seconds,
+    threads,
 )
 from connlab._measure import report, targets
 from connlab._measure.bench import Bench, BenchConfig, default_workloads, machine, run_bench
@@ -45,35 +51,35 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--repetitions",
-        type=positive_int,
+        type=repetitions,
         default=3,
         metavar="N",
         help="interleaved repetitions; figures are medians with min-max (default: 3)",
     )
     g.add_argument(
         "--duration",
-        type=positive_float,
+        type=seconds,
         default=2.0,
         metavar="S",
         help="measured seconds per load run (default: 2.0)",
     )
     g.add_argument(
         "--warmup",
-        type=positive_float,
+        type=seconds,
         default=0.5,
         metavar="S",
         help="seconds of load before measuring, not counted (default: 0.5)",
     )
     g.add_argument(
         "--connections",
-        type=int_list,
+        type=connection_list,
         default=[1, 10, 100, 1000, 5000],
         metavar="LIST",
         help="closed-loop 64 B connection counts (default: 1,10,100,1000,5000)",
     )
     g.add_argument(
         "--rate",
-        type=positive_int,
+        type=rate,
         default=20_000,
         metavar="FRAMES/S",
         help="open-loop rate across 100 connections (default: 20000)",
@@ -92,7 +98,7 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="idle connection counts for memory per connection (default: 0,1000,5000)",
     )
-    g.add_argument("--workers", type=positive_int, default=2, help="workers of pool and tokio (default: 2)")
+    g.add_argument("--workers", type=threads, default=2, help="workers of pool and tokio (default: 2)")
     g.add_argument(
         "--pin",
         action="store_true",
@@ -106,7 +112,7 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--gen-threads",
-        type=positive_int,
+        type=threads,
         default=None,
         metavar="N",
         help="load generator threads (default: 1, or 2 from 512 connections)",
@@ -197,12 +203,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = _bench_config(args)
     results: dict[str, Any] = {"machine": machine()}
     started = time.monotonic()
+    history = args.out is None
+    out = args.out if args.out is not None else report.new_run_dir(args.reports)
+    if history:
+        console.print(f"this run: {out}")
     if not args.skip_matrix:
-        try:
-            scenarios = matrix.select(args.scenarios)
-        except ValueError as err:
-            print(f"connlab compare: --scenarios: {err}", file=sys.stderr)
-            return 2
+        scenarios = matrix.select(args.only)
         progress, step = _progress(console, len(scenarios) * len(cfg.backends))
         found = []
         with progress:
@@ -214,12 +220,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         results["matrix_targets"] = cfg.backends
         results["matrix_wall_s"] = time.monotonic() - started
         console.print(matrix_report.grid(found, cfg.backends))
-        report.write_json(args.out, results)  # the matrix is kept if the benchmark does not finish
+        report.write_json(out, results)  # the matrix is kept if the benchmark does not finish
     bench, evaluated = _bench(console, cfg)
     results.update(bench=bench.to_json(), targets=evaluated, wall_s=time.monotonic() - started)
-    written = report.write(args.out, results, bench)
+    written = report.write(out, results, bench)
     beside = "results.json" if written.no_plots else "plots and results.json"
     console.print(f"report: {written.md} and {written.html} ({beside} beside them)")
+    if history:
+        console.print(f"{report.link_latest(args.reports, out)} -> {out.name}")
     if written.no_plots:
         console.print(f"no plots: {written.no_plots}", markup=False, highlight=False)
     failed = [r for r in results.get("matrix", []) if r["status"] == "fail"]
@@ -292,19 +300,27 @@ def add_parsers(sub: Any) -> None:
     )
     _bench_options(compare)
     compare.add_argument(
+        "--reports",
+        type=output_dir,
+        default="reports",  # a string, so that argparse checks it as it does a given one
+        metavar="DIR",
+        help="keep every run: each goes to DIR/<YYYYMMDD-HHMMSS>/, and DIR/latest links to the newest"
+        " complete one (default: reports)",
+    )
+    compare.add_argument(
         "--out",
         type=output_dir,
-        default="reports/latest",  # a string, so that argparse checks it as it does a given one
+        default=None,
         metavar="DIR",
-        help="report directory, created if missing (default: reports/latest)",
+        help="write this run's report into DIR instead (created if missing; no history, no link)",
     )
     compare.add_argument("--skip-matrix", action="store_true", help="only the benchmark")
     compare.add_argument(
-        "--scenarios",
-        type=lambda t: [i.strip() for i in t.split(",") if i.strip()],
+        "--only",
+        type=scenario_ids,
         default=None,
         metavar="IDS",
-        help="only these matrix scenarios (default: all)",
+        help="only these matrix scenarios, comma-separated, as `connlab matrix --only` (default: all)",
     )
     compare.set_defaults(func=cmd_compare)
     soak = sub.add_parser(
@@ -314,7 +330,7 @@ def add_parsers(sub: Any) -> None:
     )
     soak.add_argument("--backend", required=True, choices=BACKENDS, help="the backend to soak")
     soak.add_argument(
-        "--connections", type=positive_int, default=1000, help="persistent connections (default: 1000)"
+        "--connections", type=connections, default=1000, help="persistent connections (default: 1000)"
     )
     soak.add_argument(
         "--ramp-rate",
@@ -332,7 +348,7 @@ def add_parsers(sub: Any) -> None:
     )
     soak.add_argument(
         "--duration",
-        type=positive_float,
+        type=seconds,
         default=60.0,
         metavar="S",
         help="length of the run, ramp included (default: 60)",
@@ -344,15 +360,17 @@ def add_parsers(sub: Any) -> None:
         metavar="S",
         help="seconds between samples (default: 2.0)",
     )
+    soak.add_argument("--workers", type=threads, default=2, help="workers of pool and tokio (default: 2)")
     soak.add_argument(
-        "--workers", type=positive_int, default=2, help="workers of pool and tokio (default: 2)"
-    )
-    soak.add_argument(
-        "--max-phantoms", type=int, default=0, metavar="N", help="phantoms allowed at any sample (default: 0)"
+        "--max-phantoms",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="phantoms allowed at any sample (default: 0)",
     )
     soak.add_argument(
         "--max-error-rate",
-        type=positive_float,
+        type=fraction,
         default=0.01,
         metavar="FRACTION",
         help="errors allowed as a fraction of frames (default: 0.01)",

@@ -12,8 +12,11 @@ from typing import Any
 from connlab.matrix.core import parse_backends
 
 
-def number(kind: type[int] | type[float], *, positive: bool) -> Callable[[str], int | float]:
-    """Parses an int or float that must be > 0 (`positive`) or >= 0."""
+def number(
+    kind: type[int] | type[float], *, positive: bool, most: float | None = None, why: str = ""
+) -> Callable[[str], int | float]:
+    """Parses an int or float that must be > 0 (`positive`) or >= 0, and at most `most` (`why`
+    says what the limit is)."""
 
     def parse(text: str) -> int | float:
         try:
@@ -24,6 +27,8 @@ def number(kind: type[int] | type[float], *, positive: bool) -> Callable[[str], 
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         if not positive and not value >= 0:
             raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,}{why}, got {text}")
         return value
 
     return parse
@@ -33,6 +38,34 @@ positive_int = number(int, positive=True)
 positive_float = number(float, positive=True)
 non_negative_int = number(int, positive=False)
 non_negative_float = number(float, positive=False)
+#: A TCP port.
+port = number(int, positive=False, most=65535)
+#: Seconds a measurement runs (an hour at most: every load loop is bounded).
+seconds = number(float, positive=True, most=3600, why=" (an hour)")
+#: Threads of a server or the generator.
+threads = number(int, positive=True, most=256, why=" threads")
+#: Repetitions of a run.
+repetitions = number(int, positive=True, most=1000)
+#: A share, such as an error rate: above 0, at most 1.
+fraction = number(float, positive=True, most=1)
+#: An open loop's rate, frames/s: above what one machine's loopback carries.
+rate = number(int, positive=True, most=10_000_000, why=" frames/s (more than a loopback carries)")
+
+
+def local_ports() -> int:
+    """How many local ports connections to one address can use (`net.ipv4.ip_local_port_range`)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return high - low + 1
+    except (OSError, ValueError):
+        return 28_232  # Linux's default range, 32768-60999
+
+
+def connections(text: str) -> int:
+    """A number of connections to one address: at least 1, at most the local port range."""
+    most = local_ports()
+    return int(number(int, positive=True, most=most, why=" (net.ipv4.ip_local_port_range)")(text))
 
 
 def int_list(text: str) -> list[int]:
@@ -46,6 +79,14 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def connection_list(text: str) -> list[int]:
+    """`1,10,100`: connection counts, each at least 1 and at most the local port range."""
+    values = int_list(text)
+    for v in values:
+        connections(str(v))
+    return values
+
+
 def idle_steps(text: str) -> list[int]:
     """`0,1000,5000`: ascending connection counts, at least two, for the slope of RSS over them."""
     steps = int_list(text)
@@ -53,15 +94,35 @@ def idle_steps(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected two or more ascending counts such as 0,1000, got {text!r}"
         )
+    connections(str(steps[-1]))
     return steps
 
 
 def churn_spec(text: str) -> tuple[int, int]:
-    """`CYCLESxPARALLEL`, such as 1000x10, both at least 1."""
+    """`CYCLESxPARALLEL`, such as 1000x10, both at least 1; every churned connection leaves a
+    TIME_WAIT for a minute, so all of them together fit in the local port range."""
     cycles, sep, parallel = text.partition("x")
     if not sep or not cycles.isdigit() or not parallel.isdigit() or int(cycles) < 1 or int(parallel) < 1:
         raise argparse.ArgumentTypeError(f"expected CYCLESxPARALLEL such as 1000x10, got {text!r}")
+    if int(cycles) * int(parallel) > local_ports():
+        raise argparse.ArgumentTypeError(
+            f"{text}: {int(cycles) * int(parallel):,} connections, each leaving a TIME_WAIT, are more than"
+            f" the {local_ports():,} local ports (net.ipv4.ip_local_port_range)"
+        )
     return int(cycles), int(parallel)
+
+
+def scenario_ids(text: str) -> list[str]:
+    """`H1,T5`: matrix scenario ids, each one that exists."""
+    # Imported here: the scenarios are the matrix's, which `connlab serve` need not load.
+    from connlab import matrix  # noqa: PLC0415
+
+    ids = [i.strip() for i in text.split(",") if i.strip()]
+    try:
+        matrix.select(ids)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return ids
 
 
 def backend_list(text: str) -> list[str]:
@@ -112,10 +173,10 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     """The server's configuration, one option per `connlab.Server` argument."""
     g = parser.add_argument_group("server configuration (as connlab.Server)")
     g.add_argument("--host", default="127.0.0.1", help="IP address to listen on (default: %(default)s)")
-    g.add_argument("--port", type=non_negative_int, default=0, help="port; 0 picks a free one (default: 0)")
+    g.add_argument("--port", type=port, default=0, help="port; 0 picks a free one (default: 0)")
     g.add_argument(
         "--workers",
-        type=non_negative_int,
+        type=threads,
         default=None,
         help="worker threads for pooled backends (default: number of cores)",
     )

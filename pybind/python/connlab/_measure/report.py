@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,42 @@ def matrix_rows(matrix: list[dict[str, Any]], targets: list[str]) -> tuple[list[
 def target_rows(evaluated: list[dict[str, Any]]) -> list[list[str]]:
     status = {True: "met", False: "MISSED", None: "not measured"}
     return [[t["label"], status[t["met"]], t["detail"]] for t in evaluated]
+
+
+#: The link in a reports directory to its newest complete run.
+LATEST = "latest"
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(t))
+
+
+def new_run_dir(root: Path, now: float | None = None) -> Path:
+    """A fresh `root/<YYYYMMDD-HHMMSS>` (with `-2`, `-3`... if that second is taken), created."""
+    stamp = _stamp(time.time() if now is None else now)
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{root}/{stamp}: a thousand runs in one second")
+
+
+def link_latest(root: Path, run: Path) -> Path:
+    """Points `root/latest` at `run` (a directory in `root`), replacing an older link at once. A
+    real directory left there by an older connlab is kept, renamed after its time: nothing is lost."""
+    latest = root / LATEST
+    if latest.is_dir() and not latest.is_symlink():
+        # Onto the empty directory just made for it (rename replaces an empty one).
+        latest.rename(new_run_dir(root, latest.stat().st_mtime))
+    tmp = root / f".{LATEST}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run.name)
+    tmp.replace(latest)
+    return latest
 
 
 def write_json(out: Path, results: dict[str, Any]) -> Path:
