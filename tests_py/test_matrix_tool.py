@@ -206,8 +206,8 @@ def test_repeat_must_be_a_positive_integer() -> None:
     for value, message in [
         ("0", "argument --repeat: must be > 0, got 0"),
         ("-1", "argument --repeat: must be > 0, got -1"),
-        ("1.5", "argument --repeat: expected a int, got '1.5'"),
-        ("two", "argument --repeat: expected a int, got 'two'"),
+        ("1.5", "argument --repeat: expected an integer, got '1.5'"),
+        ("two", "argument --repeat: expected an integer, got 'two'"),
     ]:
         code, text = matrix("--backends", "epoll", "--only", "H1", "--repeat", value)
         assert code == 2 and message in text, (value, text)

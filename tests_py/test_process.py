@@ -81,8 +81,9 @@ def test_serve_help_explains_every_option() -> None:
     [
         (["--backend", "nosuch"], "invalid choice: 'nosuch'"),
         (["--backend", "blocking", "--idle-timeout", "-1"], "--idle-timeout: must be ≥ 0"),
-        (["--backend", "blocking", "--port", "http"], "--port: expected a int"),
-        (["--backend", "blocking", "--workers", "0"], "workers: must be at least 1"),
+        (["--backend", "blocking", "--port", "http"], "--port: expected an integer, got 'http'"),
+        (["--backend", "blocking", "--port", "70000"], "--port: must be at most 65,535"),
+        (["--backend", "blocking", "--workers", "0"], "argument --workers: must be > 0, got 0"),
     ],
 )
 def test_serve_rejects_bad_options_clearly(args: list[str], message: str) -> None:

@@ -22,7 +22,8 @@ def number(
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if positive and not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         if not positive and not value >= 0:
