@@ -14,6 +14,8 @@
 //!   its own.
 //! - [`report`]: error kinds, what each thread records, and the merged
 //!   [`Report`] (rates, percentiles, the exportable histogram).
+//! - [`hdr`]: exported histograms (compressed V2, nanoseconds) decoded,
+//!   merged, as a percentile spectrum, or as an HdrHistogram interval log.
 //! - `link`: one client connection: non-blocking connect, writes and reads
 //!   until WouldBlock, each answer checked as it arrives.
 //! - `payload`: deterministic payloads, recomputed at any offset to check an
@@ -28,6 +30,7 @@ use std::io;
 use std::thread;
 
 pub mod churn;
+pub mod hdr;
 mod link;
 pub mod options;
 mod payload;

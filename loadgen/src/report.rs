@@ -5,8 +5,9 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use hdrhistogram::serialization::{Serializer, V2DeflateSerializer};
 use hdrhistogram::Histogram;
+
+use crate::hdr::new_histogram;
 
 /// Why a connection (or a frame on it) failed. Each failure counts once, and
 /// the connection is closed; a stream run reopens it (see [`crate::stream`]).
@@ -105,15 +106,6 @@ impl Errors {
             *mine += theirs;
         }
     }
-}
-
-/// Largest latency the histogram holds (longer ones are recorded as this):
-/// far above any run's hard deadline.
-const MAX_LATENCY_NS: u64 = 100_000_000_000;
-
-/// A histogram of latencies in nanoseconds, 3 significant digits.
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("constant bounds are valid")
 }
 
 /// What one thread counted; threads merge theirs when the run ends.
@@ -290,11 +282,7 @@ impl Report {
     /// `HistogramLogWriter` writes, base64-encoded, and what every HdrHistogram
     /// port decodes); values are nanoseconds.
     pub fn histogram_v2_deflate(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        V2DeflateSerializer::new()
-            .serialize(&self.histogram, &mut out)
-            .expect("serializing into a Vec cannot fail");
-        out
+        crate::hdr::encode(&self.histogram)
     }
 }
 

@@ -2,9 +2,12 @@
 //! `load_churn` and `load_pingpong` on `connlab._native` (re-exported without
 //! the prefix by `connlab.load`). Each converts its arguments (errors name
 //! them), runs with the GIL released, and returns the report as a dict.
+//! `hdr_merge`, `hdr_spectrum` and `hdr_log` work on the reports' encoded
+//! histograms (`connlab.load` wraps them to take base64 text too).
 
 use std::net::SocketAddr;
 
+use connlab_loadgen::hdr::{self, Histogram};
 use connlab_loadgen::{seconds, Churn, ClosedLoop, ErrorKind, OpenLoop, PingPong, Report};
 use connlab_servers::Error;
 use pyo3::prelude::*;
@@ -180,12 +183,67 @@ fn load_pingpong<'py>(
     run(py, move || job.run())
 }
 
-/// Adds the `load_*` functions and `LOAD_ERROR_KINDS` to the module.
+/// The sum of encoded histograms, encoded (see `connlab.load.merge_histograms`).
+#[pyfunction]
+fn hdr_merge<'py>(py: Python<'py>, histograms: Vec<Bound<'py, PyBytes>>) -> PyResult<Bound<'py, PyBytes>> {
+    let encoded: Vec<&[u8]> = histograms.iter().map(|h| h.as_bytes()).collect();
+    let merged = py.detach(|| hdr::merge(&encoded).map(|h| hdr::encode(&h))).map_err(NativeError)?;
+    Ok(PyBytes::new(py, &merged))
+}
+
+/// The percentile spectrum of an encoded histogram (see
+/// `connlab.load.percentile_spectrum`).
+#[pyfunction]
+#[pyo3(signature = (histogram, ticks_per_half_distance = 5))]
+fn hdr_spectrum(py: Python<'_>, histogram: &[u8], ticks_per_half_distance: i64) -> PyResult<Vec<(f64, f64)>> {
+    let ticks: u32 = count("ticks_per_half_distance", ticks_per_half_distance)?;
+    if ticks == 0 {
+        return Err(NativeError(Error::invalid("ticks_per_half_distance", "must be at least 1")).into());
+    }
+    let h = py.detach(|| hdr::decode(histogram)).map_err(NativeError)?;
+    Ok(hdr::spectrum(&h, ticks))
+}
+
+/// An HdrHistogram interval log of `(tag, start_s, length_s, histogram)`
+/// entries (see `connlab.load.histogram_log`).
+#[pyfunction]
+fn hdr_log(
+    py: Python<'_>,
+    entries: Vec<(String, f64, f64, Bound<'_, PyBytes>)>,
+    base_time: f64,
+) -> PyResult<String> {
+    let entries: Vec<_> =
+        entries.iter().map(|(tag, start, length, h)| (tag, *start, *length, h.as_bytes())).collect();
+    let log = py.detach(|| {
+        let decoded = entries
+            .iter()
+            .enumerate()
+            .map(|(i, &(tag, start, length, bytes))| {
+                Ok((tag.clone(), start, length, entry_histogram(i, bytes)?))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        hdr::interval_log(&decoded, base_time)
+    });
+    Ok(log.map_err(NativeError)?)
+}
+
+/// The histogram of entry `i` of `hdr_log`; errors name `histogram` and the entry.
+fn entry_histogram(i: usize, bytes: &[u8]) -> Result<Histogram<u64>, Error> {
+    hdr::decode(bytes).map_err(|e| match e {
+        Error::Invalid { field, message } => Error::invalid(field, format!("entries[{i}]: {message}")),
+        other => other,
+    })
+}
+
+/// Adds the `load_*` and `hdr_*` functions and `LOAD_ERROR_KINDS` to the module.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_closed_loop, m)?)?;
     m.add_function(wrap_pyfunction!(load_open_loop, m)?)?;
     m.add_function(wrap_pyfunction!(load_churn, m)?)?;
     m.add_function(wrap_pyfunction!(load_pingpong, m)?)?;
+    m.add_function(wrap_pyfunction!(hdr_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(hdr_spectrum, m)?)?;
+    m.add_function(wrap_pyfunction!(hdr_log, m)?)?;
     m.add("LOAD_ERROR_KINDS", PyTuple::new(m.py(), ErrorKind::ALL.map(ErrorKind::name))?)?;
     Ok(())
 }

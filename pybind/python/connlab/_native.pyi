@@ -125,6 +125,18 @@ def load_churn(
 ) -> LoadResult: ...
 def load_pingpong(size: int = 64, duration: float = 1.0, warmup: float = 0.1) -> LoadResult: ...
 
+# HdrHistogram operations on LoadResult["histogram"] bytes (public in connlab.load, which takes
+# base64 text too). Values are nanoseconds; errors are ValueError naming the argument.
+
+def hdr_merge(histograms: list[bytes]) -> bytes: ...  # the V2 deflate encoding of their sum
+def hdr_spectrum(
+    histogram: bytes, ticks_per_half_distance: int = 5
+) -> list[tuple[float, float]]: ...  # (quantile in [0, 1], microseconds), ending at (1.0, max)
+def hdr_log(
+    entries: list[tuple[str, float, float, bytes]],  # (tag, start_s since base_time, length_s, histogram)
+    base_time: float,  # Unix time in seconds
+) -> str: ...  # an HdrHistogram interval log
+
 TOXIC_TYPES: tuple[
     str, ...
 ]  # ("latency", "bandwidth", "slicer", "limit_data", "reset_peer", "timeout", "slow_close")

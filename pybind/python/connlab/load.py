@@ -12,25 +12,32 @@ reopened 10 ms later; a ``corrupt`` answer (wrong length or byte) fails its conn
 
 Latencies are in microseconds; ``histogram`` is the HdrHistogram of the counted latencies in
 nanoseconds, in the compressed V2 encoding every HdrHistogram port decodes (``histogram_base64``
-gives the ``HISTF...`` text form of histogram logs and plotters).
+gives the ``HISTF...`` text form of histogram logs and plotters). ``merge_histograms``,
+``percentile_spectrum`` and ``histogram_log`` work on those histograms, raw or as base64 text.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+from collections.abc import Iterable
 from typing import Protocol, TypedDict, cast
 
 from connlab import _native
 
 __all__ = [
     "ERROR_KINDS",
+    "EncodedHistogram",
     "Latency",
     "Result",
     "Target",
     "churn",
     "closed_loop",
     "histogram_base64",
+    "histogram_log",
+    "merge_histograms",
     "open_loop",
+    "percentile_spectrum",
     "pingpong",
 ]
 
@@ -191,3 +198,69 @@ def pingpong(size: int = 64, *, duration: float = 1.0, warmup: float = 0.1) -> R
 def histogram_base64(result: Result) -> str:
     """The run's histogram as base64 text (``HISTF...``), as HdrHistogram logs and plotters take it."""
     return base64.b64encode(result["histogram"]).decode("ascii")
+
+
+#: A histogram as runs export it (HdrHistogram V2 deflate, nanoseconds): the raw ``bytes`` of
+#: ``Result["histogram"]``, or their base64 text (``str``, ``"HISTF..."``, as ``histogram_base64`` and
+#: interval logs give it).
+EncodedHistogram = str | bytes
+
+
+def _raw(histogram: EncodedHistogram, name: str, which: str = "") -> bytes:
+    """The encoding's bytes; base64 text is decoded here, errors name ``name`` (``which`` says which
+    element, as the native errors do)."""
+    if isinstance(histogram, str):
+        try:
+            return base64.b64decode(histogram.strip(), validate=True)
+        except binascii.Error as e:
+            raise ValueError(f"{name}: {which}not base64 text: {e}") from None
+    if isinstance(histogram, bytes | bytearray | memoryview):
+        return bytes(histogram)
+    raise TypeError(f"{name}: {which}expected base64 text or bytes, got {type(histogram).__name__}")
+
+
+def merge_histograms(histograms: Iterable[EncodedHistogram]) -> bytes:
+    """The sum of ``histograms`` (e.g. the repetitions of one workload) as one encoded histogram, raw
+    V2 deflate bytes like ``Result["histogram"]``: its percentiles are those of all the samples
+    together, which averaging the runs' percentiles does not give. None gives an empty histogram.
+    Values above 100 s (a run's range) or undecodable input raise ``ValueError`` naming
+    ``histograms`` and the index.
+    """
+    raw = [_raw(h, "histograms", f"[{i}]: ") for i, h in enumerate(histograms)]
+    return _native.hdr_merge(raw)
+
+
+def percentile_spectrum(
+    histogram: EncodedHistogram, ticks_per_half_distance: int = 5
+) -> list[tuple[float, float]]:
+    """The percentile spectrum of ``histogram``: ``(quantile, microseconds)`` pairs, quantile in [0, 1],
+    ending at ``(1.0, max)``; empty for an empty histogram. These are the rows of HdrHistogram's
+    ``outputPercentileDistribution`` (the ``.hgrm`` text that wrk2 ``-L`` prints and that hdr-plot and
+    HdrHistogram's online plotter draw): the quantile ticks halve the distance to 1.0 in
+    ``ticks_per_half_distance`` steps each time, so plotted against ``1 / (1 - quantile)`` on a log
+    axis every nine of the tail gets the same room.
+    """
+    return _native.hdr_spectrum(_raw(histogram, "histogram"), ticks_per_half_distance)
+
+
+def histogram_log(entries: Iterable[tuple[str, float, float, EncodedHistogram]], base_time: float) -> str:
+    """An HdrHistogram interval log of ``entries``, each ``(tag, start_s, length_s, histogram)`` with
+    ``start_s`` counted from ``base_time`` (a Unix time in seconds, e.g. ``time.time()`` when the
+    first run began). It is the text format of HdrHistogram's ``HistogramLogWriter``, which
+    HistogramLogAnalyzer plots over time and ``HistogramLogProcessor`` (and every port's log reader)
+    reads, e.g. to sum the intervals into the ``.hgrm`` percentile distribution that hdr-plot draws.
+
+    The log opens with ``#[StartTime: ...]`` and ``#[BaseTime: ...]``, a comment on the units and the
+    column legend, then one line per entry in the order given (readers expect it sorted by start):
+    ``Tag=<tag>,<start>,<length>,<max in ms>,<base64 histogram in ns>``. A tag is one series in
+    HistogramLogAnalyzer; ``""`` writes an untagged line, the series it shows by default.
+
+    Bad input raises ``ValueError`` naming the field and the entry's index: ``tag`` (a comma, space,
+    CR or LF would split the line), ``start_s`` or ``length_s`` (negative or not finite),
+    ``histogram`` (not an encoded histogram); or naming ``base_time``.
+    """
+    native = [
+        (tag, start_s, length_s, _raw(h, "histogram", f"entries[{i}]: "))
+        for i, (tag, start_s, length_s, h) in enumerate(entries)
+    ]
+    return _native.hdr_log(native, base_time)
