@@ -105,7 +105,9 @@ def _alive(p: psutil.Process) -> bool:
 @pytest.mark.parametrize(
     ("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
 )
-def test_a_stop_signal_ends_bench_and_its_server_child(sig: signal.Signals, code: int, word: str) -> None:
+def test_a_stop_signal_ends_bench_and_its_server_child(
+    sig: signal.Signals, code: int, word: str, tmp_path: Path
+) -> None:
     # A load run already started ends its window (the generator has no cancel): keep it short.
     args = [
         "--backends",
@@ -118,6 +120,8 @@ def test_a_stop_signal_ends_bench_and_its_server_child(sig: signal.Signals, code
         "0.2",
         "--idle-steps",
         "0,100",
+        "--reports",
+        str(tmp_path),
     ]
     bench = subprocess.Popen(
         [*CONNLAB, "bench", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -143,6 +147,7 @@ def test_a_stop_signal_ends_bench_and_its_server_child(sig: signal.Signals, code
     while left := [p.pid for p in servers if _alive(p)]:
         assert time.monotonic() < deadline, f"server children left running: {left}"
         time.sleep(0.05)
+    assert not list(tmp_path.iterdir()), "a run stopped before any result leaves no empty directory"
 
 
 def test_compare_report_without_matplotlib_says_what_the_plots_need(
@@ -155,7 +160,7 @@ def test_compare_report_without_matplotlib_says_what_the_plots_need(
     written = report.write(tmp_path, {"machine": {}, "bench": bench.to_json(), "targets": []}, bench)
     assert written.no_plots == report.PLOTS_NEED
     assert "pip install 'connlab[report]'" in written.md.read_text()
-    assert "| rtt | p50 us | 30.0 (30.0-30.0) |" in written.md.read_text()
+    assert "| one connection, one 64 B frame at a time | p50 | 30.0 µs |" in written.md.read_text()
     assert not list(tmp_path.glob("*.png"))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from connlab._measure import report, targets
-from connlab._measure.bench import Workload
+from connlab._measure.bench import Workload, spread_of
 
 CONNLAB = [sys.executable, "-m", "connlab"]
 TINY = [
@@ -39,7 +39,7 @@ def connlab(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str
 
 def test_bench_smoke_measures_every_workload_on_every_backend(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    run = connlab("bench", "--backends", "epoll,blocking", *TINY, "--json", str(out))
+    run = connlab("bench", "--backends", "epoll,blocking", *TINY, "--json", str(out), "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr
     data = json.loads(out.read_text())
     workloads = [w["name"] for w in data["config"]["workloads"]]
@@ -71,7 +71,9 @@ def test_bench_smoke_measures_every_workload_on_every_backend(tmp_path: Path) ->
 def test_bench_proxy_measures_each_backend_through_the_proxy_beside_it_direct(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     tiny = [*TINY[: TINY.index("--connections")], "--connections", "100", "--idle-steps", "0,20"]
-    run = connlab("bench", "--backends", "epoll", *tiny, "--proxy", "--json", str(out))
+    run = connlab(
+        "bench", "--backends", "epoll", *tiny, "--proxy", "--json", str(out), "--out", str(tmp_path)
+    )
     assert run.returncode == 0, run.stderr
     data = json.loads(out.read_text())
     c100 = data["summary"]["closed64-c100"]
@@ -174,9 +176,19 @@ def test_soak_smoke_passes_its_verdict(tmp_path: Path) -> None:
         (["bench", "--idle-steps", "0"], "expected two or more ascending counts"),
         (["bench", "--idle-steps", "0,1000000"], "net.ipv4.ip_local_port_range"),
         (["bench", "--rate", "100000000"], "argument --rate: must be at most 10,000,000 frames/s"),
-        (["bench", "--gen-threads", "1000"], "argument --gen-threads: must be at most 256 threads"),
+        (["bench", "--gen-threads", "1000"], "argument --gen-threads: must be at most 64 generator threads"),
         (["bench", "--churn", "100000x10"], "each leaving a TIME_WAIT"),
         (["bench", "--duration", "1e9"], "argument --duration: must be at most 3,600 (an hour)"),
+        (["bench", "--size", "0"], "argument --size: must be > 0"),
+        (["bench", "--size", "2000000"], "argument --size: must be at most 1,048,576 bytes"),
+        (["bench", "--pipeline", "5000"], "argument --pipeline: must be at most 4,096"),
+        (["bench", "--target", "localhost"], "argument --target: expected HOST:PORT"),
+        (["bench", "--target", "127.0.0.1:70000"], "argument --target: expected HOST:PORT"),
+        (["matrix", "--target", "nohost"], "argument --target: expected HOST:PORT"),
+        (["bench", "--pid", "1"], "--pid: only with --target"),
+        (["bench", "--name", "x"], "--name: only with --target or --serve-cmd"),
+        (["bench", "--baseline", "/nonexistent/results.json"], "cannot read /nonexistent/results.json"),
+        (["compare", "--baseline", "/nonexistent/results.json"], "cannot read /nonexistent/results.json"),
         (["soak", "--backend", "epoll", "--connections", "0"], "argument --connections: must be > 0"),
         (["soak", "--backend", "epoll", "--max-phantoms", "-1"], "argument --max-phantoms: must be ≥ 0"),
         (["handoff", "--repetitions", "0"], "argument --repetitions: must be > 0"),
@@ -218,6 +230,16 @@ def test_help_explains_every_option(command: str) -> None:
             "--gen-threads",
             "--proxy",
             "--json",
+            "--target",
+            "--pid",
+            "--serve-cmd",
+            "--name",
+            "--size",
+            "--pipeline",
+            "--reports",
+            "--out",
+            "--baseline",
+            "--fail-on-missed",
         ],
         "soak": [
             "--backend",
@@ -230,7 +252,18 @@ def test_help_explains_every_option(command: str) -> None:
             "--max-error-rate",
             "--json",
         ],
-        "compare": ["--out", "--skip-matrix", "--only", "--pin", "--repetitions", "--proxy"],
+        "compare": [
+            "--out",
+            "--reports",
+            "--skip-matrix",
+            "--only",
+            "--pin",
+            "--repetitions",
+            "--proxy",
+            "--size",
+            "--baseline",
+            "--fail-on-missed",
+        ],
     }[command]
     for option in options:
         assert option in run.stdout, option
@@ -238,7 +271,7 @@ def test_help_explains_every_option(command: str) -> None:
 
 def test_targets_are_ratios_to_the_same_run() -> None:
     def cell(**figures: float) -> dict:
-        return {k: {"median": v, "min": v, "max": v} for k, v in figures.items()}
+        return {k: spread_of([v]) for k, v in figures.items()}
 
     closed = Workload("closed", connections=10), Workload("closed", connections=1000)
     summary = {
@@ -259,6 +292,6 @@ def test_targets_are_ratios_to_the_same_run() -> None:
     assert rows["tokio idle RSS per connection <= 4 KiB"]["met"] is False
     assert rows["epoll one-connection p50 <= 1.2x raw loopback ping-pong"]["value"] == pytest.approx(1.25)
     assert rows["epoll one-connection p50 <= 1.2x raw loopback ping-pong"]["met"] is False
-    assert rows["poll >= 0.8x epoll at 100 connections"]["met"] is None
+    assert rows["poll >= 0.8x epoll at 100 connections"]["status"] == "not measured"
     # Read from whatever churn the run had, found by its kind, not by its name.
     assert rows["epoll >= 1.1x tokio churn rate"]["value"] == pytest.approx(1.5)

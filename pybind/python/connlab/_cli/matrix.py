@@ -12,7 +12,14 @@ from typing import Any
 
 from rich.console import Console
 
-from connlab._cli.options import backend_list, output_path, positive_float, positive_int, scenario_ids
+from connlab._cli.options import (
+    backend_list,
+    host_port,
+    output_path,
+    positive_float,
+    positive_int,
+    scenario_ids,
+)
 from connlab._native import BACKENDS
 from connlab.matrix import report
 from connlab.matrix.core import (
@@ -74,7 +81,9 @@ def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> No
         metavar="all|a,b",
         help=f"in-process backends to run (default: all = {','.join(BACKENDS)})",
     )
-    where.add_argument("--target", metavar="HOST:PORT", help="a running server to test (it is never stopped)")
+    where.add_argument(
+        "--target", type=host_port, metavar="HOST:PORT", help="a running server to test (it is never stopped)"
+    )
     where.add_argument(
         "--serve-cmd",
         metavar="CMD",

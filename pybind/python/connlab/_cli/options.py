@@ -45,6 +45,12 @@ port = number(int, positive=False, most=65535)
 seconds = number(float, positive=True, most=3600, why=" (an hour)")
 #: Threads of a server or the generator.
 threads = number(int, positive=True, most=256, why=" threads")
+#: Threads of the load generator (its own limit).
+gen_threads = number(int, positive=True, most=64, why=" generator threads")
+#: A frame's payload: what a `connlab serve` child accepts by default (its --max-frame).
+frame_size = number(int, positive=True, most=1 << 20, why=" bytes (connlab serve's --max-frame)")
+#: Frames in flight per connection (the generator's limit).
+pipeline = number(int, positive=True, most=4096)
 #: Repetitions of a run.
 repetitions = number(int, positive=True, most=1000)
 #: A share, such as an error rate: above 0, at most 1.
@@ -111,6 +117,14 @@ def churn_spec(text: str) -> tuple[int, int]:
             f" the {local_ports():,} local ports (net.ipv4.ip_local_port_range)"
         )
     return int(cycles), int(parallel)
+
+
+def host_port(text: str) -> str:
+    """`HOST:PORT` (`[::1]:PORT` for IPv6) of a running server, with a port in 1-65535."""
+    host, sep, port_ = text.rpartition(":")
+    if not sep or not host or not port_.isdigit() or not 0 < int(port_) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT such as 127.0.0.1:7000, got {text!r}")
+    return text
 
 
 def scenario_ids(text: str) -> list[str]:

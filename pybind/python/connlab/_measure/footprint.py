@@ -55,13 +55,18 @@ def serve_child(backend: str, workers: int | None, cpu: int | None = None) -> Se
     server = ServeProcess(connlab_serve_argv(backend, max_connections=100_000, **kwargs), start_timeout=30.0)
     if cpu is not None:
         try:
-            # Every thread it has by now; the threads they start later inherit the mask.
-            for tid in os.listdir(f"/proc/{server.pid}/task"):
-                os.sched_setaffinity(int(tid), {cpu})
+            pin(server.pid, cpu)
         except BaseException:
             server.close()
             raise
     return server
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Pins every thread process `pid` has by now to `cpu`; the threads they start later inherit
+    the mask."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {cpu})
 
 
 def idle_footprint(

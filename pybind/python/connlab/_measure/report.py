@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import html
+import csv
 import json
 import os
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from connlab._measure.bench import Bench, median
+from markdown_it import MarkdownIt
+
+from connlab import load
+from connlab._measure import baseline, plots, story, targets, units
+from connlab._measure.bench import FIGURES, UNSTABLE_SPREAD, Bench, figure, shown
 from connlab.matrix.core import SCENARIOS, order_key
 from connlab.matrix.report import LABEL
 
@@ -18,112 +24,50 @@ from connlab.matrix.report import LABEL
 PLOTS_NEED = "the plots need matplotlib: pip install 'connlab[report]'"
 
 
-def plots(bench: Bench, out: Path) -> dict[str, str]:
-    """Writes the PNG plots; returns {title: file name}. ImportError without matplotlib."""
-    # Imported here, as an optional extra: it takes a while to load and starts a thread, which
-    # neither `connlab serve` (whose threads the probes count) nor the pytest plugin may pay for.
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    backends = bench.config.labels
-    workloads = bench.config.workloads
-    closed = sorted(
-        (w for w in workloads if w.kind == "closed" and w.size == 64), key=lambda w: w.connections
-    )
-    made: dict[str, str] = {}
-
-    def save(fig: Any, fname: str, title: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        made[title] = fname
-
-    def line_plot(fname: str, title: str, figure: str, ylabel: str, log: bool) -> None:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for b in backends:
-            pts = [
-                (w.connections, v) for w in closed if (v := median(bench.summary, w, b, figure)) is not None
-            ]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
-        ax.set_xscale("log")
-        if log:
-            ax.set_yscale("log")
-        ax.set_xlabel("concurrent connections (64 B frames, closed loop)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        save(fig, fname, title)
-
-    def bar_plot(fname: str, title: str, kind: str, figure: str, *, ylabel: str, scale: float = 1) -> None:
-        w = next((w for w in workloads if w.kind == kind), None)
-        values = [(b, v * scale) for b in backends if (v := median(bench.summary, w, b, figure)) is not None]
-        if not values:
-            return
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        ax.bar([v[0] for v in values], [v[1] for v in values], color="tab:blue")
-        for i, (_, v) in enumerate(values):
-            ax.annotate(f"{v:,.1f}", (i, v), ha="center", va="bottom", fontsize=8)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title.format(w=w))
-        ax.grid(True, axis="y", alpha=0.3)
-        save(fig, fname, title.format(w=w))
-
-    line_plot("throughput.png", "Throughput vs connections", "frames_per_s", "frames/s (median)", False)
-    line_plot("p99.png", "p99 latency vs connections", "p99_us", "p99 latency, us (log)", True)
-    line_plot(
-        "threads.png",
-        "Server threads vs connections",
-        "server_threads",
-        "threads in the server process",
-        True,
-    )
-    bar_plot(
-        "rss_per_conn.png",
-        "Idle RSS per connection",
-        "idle",
-        "rss_per_conn_bytes",
-        ylabel="KiB per idle connection",
-        scale=1 / 1024,
-    )
-    bar_plot("churn.png", "Churn rate ({w.name})", "churn", "conns_per_s", ylabel="connections/s (median)")
-    return made
-
-
-def _fmt(cell: dict[str, Any] | None, scale: float = 1, digits: int = 0) -> str:
-    if not cell:
+def _fmt(value: dict[str, Any] | None, text: Callable[[float], str]) -> str:
+    """median (min-max), each in its own unit; `*` marks an unstable figure."""
+    if not value:
         return "-"
-    med, lo, hi = (cell[k] * scale for k in ("median", "min", "max"))
-    return f"{med:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
+    mark = " *" if value.get("unstable") else ""
+    if value["min"] == value["max"]:
+        return f"{text(value['median'])}{mark}"
+    return f"{text(value['median'])} ({text(value['min'])}-{text(value['max'])}){mark}"
+
+
+def _count(v: float) -> str:
+    return units.grouped(v)
+
+
+#: How each figure of the comparison is titled and printed.
+_FORMATS: dict[str, tuple[str, Callable[[float], str]]] = {
+    "frames_per_s": ("frames/s", units.rate),
+    "mb_per_s": ("MB/s", units.significant),
+    "conns_per_s": ("connections/s", units.rate),
+    "p50_us": ("p50", units.duration_us),
+    "p99_us": ("p99", units.duration_us),
+    "max_us": ("max", units.duration_us),
+    "server_cpu_us_per_frame": ("server CPU per frame", units.duration_us),
+    "server_threads": ("threads", _count),
+    "rss_per_conn_bytes": ("memory per connection", units.size),
+    "proxy_cpu_pct": ("proxy CPU %", lambda v: f"{v:.0f}"),
+}
 
 
 def comparison_rows(bench: Bench) -> tuple[list[str], list[list[str]]]:
-    """The main comparison table: one row per workload, one column per backend (median (min-max))."""
-    backends = bench.config.labels
-    header = ["workload", "figure", *backends]
+    """The main comparison table: rows by workload (its human name) and figure, one column per
+    server: median (min-max) in units chosen per value, `*` where the figure is unstable."""
+    labels = bench.config.labels
+    header = ["workload", "figure", *labels]
     rows = []
     for w in bench.config.workloads:
-        specs = {
-            "closed": [
-                ("frames/s", "frames_per_s", 1, 0),
-                ("p99 us", "p99_us", 1, 0),
-                ("threads", "server_threads", 1, 0),
-            ],
-            "open": [("p50 us", "p50_us", 1, 0), ("p99 us", "p99_us", 1, 0), ("max us", "max_us", 1, 0)],
-            "churn": [("conns/s", "conns_per_s", 1, 0)],
-            "rtt": [("p50 us", "p50_us", 1, 1)],
-            "idle": [("KiB/conn", "rss_per_conn_bytes", 1 / 1024, 2)],
-        }[w.kind]
-        if w.kind == "closed" and w.size >= 1024:  # large frames: bytes, not frames, are the point
-            specs = [("MB/s", "mb_per_s", 1, 0), *specs[1:]]
-        if bench.config.proxy and w.kind != "idle":
-            specs = [*specs, ("proxy CPU %", "proxy_cpu_pct", 1, 0)]
-        for label, figure, scale, digits in specs:
-            cells = [_fmt(bench.summary[w][b].get(figure), scale, digits) for b in backends]
-            rows.append([w.name, label, *cells])
+        names = shown(w) + (["proxy_cpu_pct"] if bench.config.proxy and w.kind != "idle" else [])
+        first = True
+        for name in names:
+            title, text = _FORMATS[name]
+            cells = [_fmt(bench.summary[w][b].get(name), text) for b in labels]
+            if any(c != "-" for c in cells):
+                rows.append([w.label if first else "", title, *cells])
+                first = False
     return header, rows
 
 
@@ -146,8 +90,7 @@ def matrix_rows(matrix: list[dict[str, Any]], targets: list[str]) -> tuple[list[
 
 
 def target_rows(evaluated: list[dict[str, Any]]) -> list[list[str]]:
-    status = {True: "met", False: "MISSED", None: "not measured"}
-    return [[t["label"], status[t["met"]], t["detail"]] for t in evaluated]
+    return [[t["label"], t["status"], t["detail"]] for t in evaluated]
 
 
 #: The link in a reports directory to its newest complete run.
@@ -195,6 +138,75 @@ def write_json(out: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def write_csv(out: Path, bench: Bench) -> list[Path]:
+    """figures.csv: every figure of every run (one row each); summary.csv: each figure's median,
+    min, max, spread and whether it is unstable, per workload and server."""
+    runs_path, summary_path = out / "figures.csv", out / "summary.csv"
+    with runs_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["workload", "workload_label", "server", "repetition", "figure", "value"])
+        for r in bench.runs:
+            for name in FIGURES:
+                if (v := figure(r.metrics, name)) is not None:
+                    w.writerow([r.workload.name, r.workload.label, r.backend, r.rep + 1, name, v])
+        for rep, p in enumerate(bench.pingpong):
+            w.writerow(["pingpong", "raw loopback ping-pong", "", rep + 1, "p50_us", p["latency_us"]["p50"]])
+    with summary_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "workload",
+                "workload_label",
+                "server",
+                "figure",
+                "median",
+                "min",
+                "max",
+                "spread",
+                "unstable",
+                "n",
+            ]
+        )
+        for wl, by_label in bench.summary.items():
+            for label, cells in by_label.items():
+                for name in FIGURES:
+                    if c := cells.get(name):
+                        w.writerow(
+                            [
+                                wl.name,
+                                wl.label,
+                                label,
+                                name,
+                                c["median"],
+                                c["min"],
+                                c["max"],
+                                round(c["spread"], 4),
+                                c["unstable"],
+                                c["n"],
+                            ]
+                        )
+    return [runs_path, summary_path]
+
+
+def write_histograms(out: Path, bench: Bench) -> Path | None:
+    """latency.hlog: the latency histogram of every load run as an HdrHistogram interval log, one
+    line each, tagged workload/server/repetition (HistogramLogAnalyzer and HistogramLogProcessor
+    read it; values in nanoseconds). None if no run has one."""
+    entries = []
+    at = 0.0
+    for r in bench.runs:
+        if "histogram" in r.metrics:
+            length = float(r.metrics.get("elapsed_s") or 0.0)
+            tag = re.sub(r"[^A-Za-z0-9_.+:/-]", "_", f"{r.workload.name}/{r.backend}/rep{r.rep + 1}")
+            entries.append((tag, at, length, r.metrics["histogram"]))
+            at += length
+    if not entries:
+        return None
+    path = out / "latency.hlog"
+    path.write_text(load.histogram_log(entries, bench.started))
+    return path
+
+
 @dataclass(frozen=True)
 class Written:
     """The files of a report, and why it has no plots (None if it has them)."""
@@ -203,93 +215,126 @@ class Written:
     html: Path
     json: Path
     no_plots: str | None
+    data: tuple[Path, ...] = ()
 
 
-def write(out: Path, results: dict[str, Any], bench: Bench | None) -> Written:
-    """Writes results.json, the plots, report.md and report.html into `out`; without matplotlib,
-    the report without its plots and a line saying what they need."""
+def _intro(results: dict[str, Any], bench: Bench | None) -> str:
+    m = results["machine"]
+    text = f"Machine: {m.get('cpu_model')}, {m.get('cpus')} CPUs, {m.get('platform')}."
+    if bench:
+        text += (
+            f" Pinning: {bench.pinning}. Each figure is the median of {bench.config.repetitions}"
+            " interleaved repetitions, with the min-max in parentheses; `*` marks a figure whose"
+            f" min-max spread exceeds {units.percent(UNSTABLE_SPREAD)} of its median (unstable)."
+            " Each backend ran in its own `connlab serve` process; its thread count is that"
+            " process's, the Python main thread included. Server CPU per frame is the server"
+            " process's CPU time over the measured window divided by the frames answered in it."
+        )
+    return text
+
+
+def _conditions_rows(bench: Bench) -> tuple[list[str], list[list[str]]]:
+    c = bench.conditions
+    rows = [
+        ["load average (1, 5, 15 min) before", ", ".join(f"{x:.2f}" for x in c["load_avg_before"])],
+        ["load average (1, 5, 15 min) after", ", ".join(f"{x:.2f}" for x in c["load_avg_after"])],
+        ["CPU time stolen over the run", "-" if c.get("steal_pct") is None else f"{c['steal_pct']:.2f} %"],
+        [
+            "ping-pong floor (p50) per repetition",
+            ", ".join(units.duration_us(x) for x in c.get("pingpong_p50_us", [])) or "-",
+        ],
+    ]
+    floor = c.get("pingpong_p50")
+    if floor:
+        rows.append(["its spread", f"{units.percent(floor['spread'])}{' (unstable)' * floor['unstable']}"])
+    return ["condition", "measured"], rows
+
+
+def write(
+    out: Path,
+    results: dict[str, Any],
+    bench: Bench | None,
+    regressions: list[dict[str, Any]] | None = None,
+) -> Written:
+    """Writes results.json, the CSVs, the histogram log, the plots, report.md and report.html
+    into `out`; without matplotlib, the report without its plots and a line saying what they
+    need. The report opens with the generated summary (`story`)."""
     json_path = write_json(out, results)
+    data: list[Path] = []
+    if bench:
+        data += write_csv(out, bench)
+        if hlog := write_histograms(out, bench):
+            data.append(hlog)
     try:
-        made, no_plots = (plots(bench, out) if bench else {}), None
+        made, no_plots = (plots.draw(bench, out) if bench else {}), None
     except ImportError:
         made, no_plots = {}, PLOTS_NEED
-    sections: list[tuple[str, str, list[str] | None, list[list[str]] | None]] = []
-    m = results["machine"]
-    intro = (
-        f"Machine: {m.get('cpu_model')}, {m.get('cpus')} CPUs, {m.get('platform')}. "
-        f"Pinning: {bench.pinning if bench else 'n/a'}. "
-        f"Figures are medians of {bench.config.repetitions if bench else 0} interleaved "
-        "repetitions, with min-max in parentheses; each backend ran as its own `connlab serve` process."
-    )
-    sections.append(("connlab: TCP server architectures side by side", intro, None, None))
+    md = ["# connlab: TCP server architectures side by side", "", _intro(results, bench), ""]
+    if bench:
+        md += ["## Summary", "", *_paragraphs(story.story(bench, results.get("targets", []))), ""]
+        if bench.conditions:
+            md += ["## Conditions", "", _md_table(*_conditions_rows(bench)), ""]
     if results.get("matrix"):
         header, rows = matrix_rows(results["matrix"], results["matrix_targets"])
-        sections.append(
-            ("Lifecycle matrix", f"Wall time {results.get('matrix_wall_s', 0):.0f} s.", header, rows)
-        )
+        md += ["## Lifecycle matrix", "", f"Wall time {results.get('matrix_wall_s', 0):.0f} s.", ""]
+        md += [_md_table(header, rows), ""]
     if bench:
-        header, rows = comparison_rows(bench)
-        sections.append(("Comparison", "", header, rows))
-        sections.append(
-            (
-                "Targets (ratios measured in this run)",
-                "",
-                ["target", "status", "measured"],
-                target_rows(results["targets"]),
-            )
-        )
-    md = []
-    for title, text, header, rows in sections:
-        md.append(f"## {title}\n")
-        if text:
-            md.append(text + "\n")
-        if header and rows is not None:
-            md.append(_md_table(header, rows) + "\n")
-    missed = [t for t in results.get("targets", []) if t["met"] is False]
-    if missed:
-        md.append("## Targets missed\n")
-        md += [f"- MISSED: {t['label']}: {t['detail']}" for t in missed]
-        md.append("")
+        md += ["## Comparison", "", _md_table(*comparison_rows(bench)), ""]
+        evaluated = results.get("targets", [])
+        if evaluated:
+            md += ["## Targets (ratios measured in this run)", ""]
+            md += [_md_table(["target", "status", "measured"], _bold_status(target_rows(evaluated))), ""]
+            missed = [t for t in evaluated if t["status"] == targets.MISSED]
+            if missed:
+                md += [
+                    "### Targets missed",
+                    "",
+                    *(f"- **MISSED**: {t['label']}: {t['detail']}" for t in missed),
+                    "",
+                ]
+    if regressions is not None:
+        md += ["## Against the baseline", ""]
+        md += [baseline.summary_line(regressions), ""]
+        if regressions:
+            md += [_md_table(*baseline.rows(regressions)), ""]
     if made or no_plots:
-        md.append("## Plots\n")
-        md += [f"![{title}]({fname})\n" for title, fname in made.items()] or [f"No plots: {no_plots}.\n"]
-    md[0] = "# " + md[0][3:]
-    written = Written(out / "report.md", out / "report.html", json_path, no_plots)
-    written.md.write_text("\n".join(md))
-    written.html.write_text(_html(sections, made, missed, no_plots))
+        md += ["## Plots", ""]
+        md += [f"![{title}]({fname})\n" for title, fname in made.items()] or [f"No plots: {no_plots}.", ""]
+    if data:
+        md += ["## Data", "", ", ".join(f"[{p.name}]({p.name})" for p in [json_path, *data]) + ".", ""]
+    written = Written(out / "report.md", out / "report.html", json_path, no_plots, tuple(data))
+    text = "\n".join(md)
+    written.md.write_text(text)
+    written.html.write_text(_html(text))
     return written
 
 
-def _html(
-    sections: list[tuple[str, str, list[str] | None, list[list[str]] | None]],
-    made: dict[str, str],
-    missed: list[dict[str, Any]],
-    no_plots: str | None,
-) -> str:
-    e = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>connlab report</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}"
-        ".FAIL,.MISSED{color:#b00;font-weight:bold}.pass,.met{color:#070}</style></head><body>",
+def _paragraphs(lines: list[str]) -> list[str]:
+    """Story lines as markdown: a blank line between paragraphs, none inside a list."""
+    out: list[str] = []
+    for line in lines:
+        if out and not (line.startswith("- ") and out[-1].startswith("- ")):
+            out.append("")
+        out.append(line)
+    return out
+
+
+def _bold_status(rows: list[list[str]]) -> list[list[str]]:
+    return [
+        [r[0], f"**{r[1]}**" if r[1] in {targets.MISSED, targets.UNSETTLED} else r[1], *r[2:]] for r in rows
     ]
-    for i, (title, text, header, rows) in enumerate(sections):
-        parts.append(f"<h{1 if i == 0 else 2}>{e(title)}</h{1 if i == 0 else 2}>")
-        if text:
-            parts.append(f"<p>{e(text)}</p>")
-        if header and rows is not None:
-            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-            for row in rows:
-                cells = "".join(f"<td class='{e(c.split(' ')[0])}'>{e(c)}</td>" for c in row)
-                parts.append(f"<tr>{cells}</tr>")
-            parts.append("</table>")
-    if missed:
-        parts.append("<h2>Targets missed</h2><ul>")
-        parts += [f"<li class='MISSED'>MISSED: {e(t['label'])}: {e(t['detail'])}</li>" for t in missed]
-        parts.append("</ul>")
-    if no_plots:
-        parts.append(f"<h2>Plots</h2><p>No plots: {e(no_plots)}.</p>")
-    for title, fname in made.items():
-        parts.append(f"<h3>{e(title)}</h3><img src='{e(fname)}' alt='{e(title)}'>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+
+
+def _html(markdown: str) -> str:
+    """The report as one HTML page: the markdown rendered (markdown-it, as rich uses)."""
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    for word in (targets.MISSED, targets.UNSETTLED, "REGRESSED"):
+        body = body.replace(f"<strong>{word}</strong>", f"<strong class='bad'>{word}</strong>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>connlab report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+        "th{background:#eee}.bad{color:#b00}img{max-width:100%}</style></head><body>\n"
+        + body
+        + "</body></html>\n"
+    )

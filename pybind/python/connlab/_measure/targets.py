@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from connlab import load
-from connlab._measure.bench import Summary, Workload, median, proxied
+from connlab._measure import units
+from connlab._measure.bench import Summary, Workload, cell, proxied, spread_of
 
 
 @dataclass(frozen=True)
@@ -122,32 +123,86 @@ def default_targets(workers: int, proxied_backends: Sequence[str] = ()) -> list[
     return targets
 
 
+def applicable(
+    targets: list[Ratio | Limit], labels: Sequence[str], workloads: Sequence[Workload]
+) -> list[Ratio | Limit]:
+    """The targets about servers and workloads of this run: one about a backend or a workload
+    that was not measured says nothing about the run."""
+    present = {*labels, "pingpong"}
+    return [
+        t
+        for t in targets
+        if t.backend in present
+        and getattr(t, "versus", t.backend) in present
+        and t.workload.find(workloads) is not None
+    ]
+
+
+#: The statuses of a target, in the order a reader cares about them.
+MET, MISSED, UNSETTLED, NOT_MEASURED = "met", "MISSED", "unsettled", "not measured"
+
+
 def evaluate(
     targets: list[Ratio | Limit], summary: Summary, pingpong: Sequence[load.Result | dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Each target with its measured value or ratio, and whether it was met (None: not measured).
-    `pingpong` holds the raw loopback runs of the same bench; ratios to it use their median p50."""
-    p50s = sorted(p["latency_us"]["p50"] for p in pingpong if "latency_us" in p)
+    """Each target with its measured value or ratio of medians, whether that meets it (`met`,
+    None: not measured) and its `status`. `pingpong` holds the raw loopback runs of the same
+    bench; ratios to it use their median p50.
+
+    A target read from an unstable figure (min-max spread over 25 % of its median) is
+    `unsettled` when the noise decides it: when the bound lies within the range the ratio (or the
+    figure) takes over the figures' min-max. Unstable figures that meet or miss the bound over
+    their whole range still settle it."""
+    p50s = [float(p["latency_us"]["p50"]) for p in pingpong if "latency_us" in p]
+    floor = spread_of(p50s) if p50s else None
     out = []
     for t in targets:
-        row: dict[str, Any] = {"label": t.label, "met": None, "value": None, "detail": "not measured"}
+        row: dict[str, Any] = {
+            "label": t.label,
+            "met": None,
+            "status": NOT_MEASURED,
+            "value": None,
+            "detail": "not measured",
+        }
         workload = t.workload.find(summary)
-        mine = median(summary, workload, t.backend, t.figure)
+        mine = cell(summary, workload, t.backend, t.figure)
         if isinstance(t, Limit):
             if mine is not None:
+                value = mine["median"]
+                met = value <= t.bound
+                decided = (mine["max"] <= t.bound) == (mine["min"] <= t.bound)
                 row.update(
-                    value=mine, met=mine <= t.bound, detail=f"{mine:,.0f} {t.unit} (limit {t.bound:,.0f})"
+                    value=value,
+                    met=met,
+                    status=_status(met, mine["unstable"] and not decided),
+                    detail=f"{value:,.0f} {t.unit} (limit {t.bound:,.0f})"
+                    + _range(mine, f"{mine['min']:,.0f}-{mine['max']:,.0f} {t.unit}"),
                 )
         else:
-            if t.versus == "pingpong":
-                theirs = p50s[len(p50s) // 2] if p50s else None
-            else:
-                theirs = median(summary, workload, t.versus, t.figure)
-            if mine is not None and theirs:
-                ratio = mine / theirs
+            theirs = floor if t.versus == "pingpong" else cell(summary, workload, t.versus, t.figure)
+            if mine is not None and theirs and theirs["median"] and theirs["min"] > 0:
+                ratio = mine["median"] / theirs["median"]
+                low, high = mine["min"] / theirs["max"], mine["max"] / theirs["min"]
                 met = ratio >= t.bound if t.at_least else ratio <= t.bound
+                decided = (low >= t.bound) == (high >= t.bound)
+                unstable = bool(mine["unstable"] or theirs["unstable"])
                 row.update(
-                    value=ratio, met=met, detail=f"{ratio:.2f}x ({mine:,.1f} vs {theirs:,.1f} {t.figure})"
+                    value=ratio,
+                    met=met,
+                    status=_status(met, unstable and not decided),
+                    detail=f"{ratio:.2f}x ({mine['median']:,.1f} vs {theirs['median']:,.1f} {t.figure})"
+                    + _range(mine if mine["unstable"] else theirs, f"{low:.2f}-{high:.2f}x"),
                 )
         out.append(row)
     return out
+
+
+def _status(met: bool, undecided: bool) -> str:
+    return UNSETTLED if undecided else MET if met else MISSED
+
+
+def _range(figure: dict[str, Any], text: str) -> str:
+    """The range a decision was read over, said when a figure is unstable."""
+    if not figure["unstable"]:
+        return ""
+    return f"; unstable ({units.percent(figure['spread'])} spread), range {text}"
