@@ -18,6 +18,7 @@ from rich.table import Table
 
 from connlab import matrix
 from connlab._cli.options import (
+    address,
     backend_list,
     churn_spec,
     connection_list,
@@ -220,8 +221,7 @@ def _externals(args: argparse.Namespace) -> list[External]:
         raise ValueError("--name: only with --target or --serve-cmd")
     out = []
     if target:
-        host, _, port = target.rpartition(":")
-        out.append(External(name or target, address=(host.strip("[]"), int(port)), pid=args.pid))
+        out.append(External(name or target, address=address(target), pid=args.pid))
     if command:
         out.append(External(name or "command", command=command))
     labels = [e.label for e in out]

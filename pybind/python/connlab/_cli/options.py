@@ -119,10 +119,18 @@ def churn_spec(text: str) -> tuple[int, int]:
     return int(cycles), int(parallel)
 
 
-def host_port(text: str) -> str:
-    """`HOST:PORT` (`[::1]:PORT` for IPv6) of a running server, with a port in 1-65535."""
+def address(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:PORT` for IPv6) as (host, port), the port in 0-65535 (0: any free one,
+    where the option listens)."""
     host, sep, port_ = text.rpartition(":")
-    if not sep or not host or not port_.isdigit() or not 0 < int(port_) < 65536:
+    if not sep or not host or not port_.isdigit() or int(port_) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT such as 127.0.0.1:7000, got {text!r}")
+    return host.strip("[]"), int(port_)
+
+
+def host_port(text: str) -> str:
+    """`HOST:PORT` of a running server (port 1-65535), kept as given."""
+    if address(text)[1] == 0:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT such as 127.0.0.1:7000, got {text!r}")
     return text
 

@@ -9,15 +9,8 @@ import signal
 import sys
 from typing import Any
 
-from connlab._cli.options import non_negative_int
+from connlab._cli.options import address, non_negative_int
 from connlab.proxy import TOXIC_TYPES, Proxy, parse_toxic
-
-
-def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 def _toxic(text: str) -> dict[str, Any]:
@@ -72,10 +65,10 @@ def add_parser(sub: Any) -> None:
         help="a fault-injecting TCP proxy (toxiproxy's toxics) in front of any server",
         description=cmd_proxy.__doc__,
     )
-    p.add_argument("--upstream", type=_address, required=True, metavar="HOST:PORT", help="the server")
+    p.add_argument("--upstream", type=address, required=True, metavar="HOST:PORT", help="the server")
     p.add_argument(
         "--listen",
-        type=_address,
+        type=address,
         default=("127.0.0.1", 0),
         metavar="HOST:PORT",
         help="where to listen (default: 127.0.0.1:0, a free port)",
