@@ -41,6 +41,8 @@ def test_units_are_chosen_per_value() -> None:
     assert units.size(64) == "64 B" and units.size(16 << 10) == "16 KiB" and units.size(10_100) == "9.86 KiB"
     assert units.plural(1, "connection") == "1 connection"
     assert units.plural(1000, "connection") == "1 000 connections"
+    assert units.figure("p99_us", 1_330_643) == "p99 1.33 s"
+    assert units.figure("frames_per_s", 120_400) == "120 k frames/s"
 
 
 def test_workloads_have_human_names() -> None:
@@ -172,6 +174,14 @@ def test_the_summary_names_who_leads_where_by_how_much_and_what_it_costs() -> No
         "- **epoll** leads at idle memory, 64 B x 10 and round trip; ties for first at 64 B x 5 000;"
     )
     assert lines[0].startswith("The machine was quiet: load average 0.2 before and 0.9 after on 2 CPUs")
+
+
+def test_one_server_alone_is_described_by_its_costs_not_ranked() -> None:
+    w = Workload("closed", connections=10)
+    reps = _reps(frames_per_s=[100.0, 101.0, 102.0], server_cpu_us_per_frame=[4.0, 4.1, 4.2])
+    lines = story.story(_bench({(w, "mine"): reps}, ["mine"]), [])
+    assert not any("lead" in line or "tie" in line for line in lines), lines
+    assert "- **mine** costs 4.10 µs of CPU per frame at 10 connections." in lines
 
 
 def test_the_summary_says_when_the_machine_was_busy_or_noisy() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -40,7 +41,7 @@ from connlab._cli.options import (
     seconds,
     threads,
 )
-from connlab._measure import baseline, report, targets
+from connlab._measure import baseline, report, story, targets
 from connlab._measure.bench import Bench, BenchConfig, External, default_workloads, machine, run_bench
 from connlab._measure.soak import Sample, SoakConfig, run_soak
 from connlab._native import BACKENDS
@@ -292,6 +293,7 @@ def _bench(console: Console, cfg: BenchConfig) -> tuple[Bench, list[dict[str, An
     console.print(summary_table(bench))
     if evaluated:
         console.print(targets_table(evaluated))
+    console.print(Markdown(story.markdown(story.story(bench, evaluated))))
     return bench, evaluated
 
 

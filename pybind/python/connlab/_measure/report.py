@@ -34,25 +34,6 @@ def _fmt(value: dict[str, Any] | None, text: Callable[[float], str]) -> str:
     return f"{text(value['median'])} ({text(value['min'])}-{text(value['max'])}){mark}"
 
 
-def _count(v: float) -> str:
-    return units.grouped(v)
-
-
-#: How each figure of the comparison is titled and printed.
-_FORMATS: dict[str, tuple[str, Callable[[float], str]]] = {
-    "frames_per_s": ("frames/s", units.rate),
-    "mb_per_s": ("MB/s", units.significant),
-    "conns_per_s": ("connections/s", units.rate),
-    "p50_us": ("p50", units.duration_us),
-    "p99_us": ("p99", units.duration_us),
-    "max_us": ("max", units.duration_us),
-    "server_cpu_us_per_frame": ("server CPU per frame", units.duration_us),
-    "server_threads": ("threads", _count),
-    "rss_per_conn_bytes": ("memory per connection", units.size),
-    "proxy_cpu_pct": ("proxy CPU %", lambda v: f"{v:.0f}"),
-}
-
-
 def comparison_rows(bench: Bench) -> tuple[list[str], list[list[str]]]:
     """The main comparison table: rows by workload (its human name) and figure, one column per
     server: median (min-max) in units chosen per value, `*` where the figure is unstable."""
@@ -63,7 +44,7 @@ def comparison_rows(bench: Bench) -> tuple[list[str], list[list[str]]]:
         names = shown(w) + (["proxy_cpu_pct"] if bench.config.proxy and w.kind != "idle" else [])
         first = True
         for name in names:
-            title, text = _FORMATS[name]
+            title, text = units.FIGURES[name]
             cells = [_fmt(bench.summary[w][b].get(name), text) for b in labels]
             if any(c != "-" for c in cells):
                 rows.append([w.label if first else "", title, *cells])
@@ -271,7 +252,7 @@ def write(
         made, no_plots = {}, PLOTS_NEED
     md = ["# connlab: TCP server architectures side by side", "", _intro(results, bench), ""]
     if bench:
-        md += ["## Summary", "", *_paragraphs(story.story(bench, results.get("targets", []))), ""]
+        md += ["## Summary", "", story.markdown(story.story(bench, results.get("targets", []))), ""]
         if bench.conditions:
             md += ["## Conditions", "", _md_table(*_conditions_rows(bench)), ""]
     if results.get("matrix"):
@@ -307,16 +288,6 @@ def write(
     written.md.write_text(text)
     written.html.write_text(_html(text))
     return written
-
-
-def _paragraphs(lines: list[str]) -> list[str]:
-    """Story lines as markdown: a blank line between paragraphs, none inside a list."""
-    out: list[str] = []
-    for line in lines:
-        if out and not (line.startswith("- ") and out[-1].startswith("- ")):
-            out.append("")
-        out.append(line)
-    return out
 
 
 def _bold_status(rows: list[list[str]]) -> list[list[str]]:

@@ -187,7 +187,8 @@ def tradeoffs(bench: Bench) -> list[str]:
             for st in standings
             if len(st.order) > 2 and st.order[-1][0] == server and st.factor(len(st.order) - 1) >= 1.05
         ]
-        parts = [f"leads at {_join(won)}" if won else "leads nowhere"]
+        # With nothing to compare against (one server), no lead is claimed either way.
+        parts = [f"leads at {_join(won)}" if won else "leads nowhere"] if standings else []
         if tied:
             parts.append(f"ties for first at {_join(tied)}")
         if last:
@@ -197,7 +198,8 @@ def tradeoffs(bench: Bench) -> list[str]:
             parts.append("costs " + _join(cost))
         if tail := _tail(bench, server):
             parts.append(tail)
-        out.append(f"**{server}** {'; '.join(parts)}.")
+        if parts:
+            out.append(f"**{server}** {'; '.join(parts)}.")
     return out
 
 
@@ -287,3 +289,13 @@ def story(bench: Bench, evaluated: list[dict[str, Any]]) -> list[str]:
             "Targets: " + ", ".join(f"{n} {status}" for status, n in tally.items()) + " (details below)."
         )
     return out
+
+
+def markdown(lines: list[str]) -> str:
+    """Story lines as markdown: a blank line between paragraphs, none inside a list."""
+    out: list[str] = []
+    for line in lines:
+        if out and not (line.startswith("- ") and out[-1].startswith("- ")):
+            out.append("")
+        out.append(line)
+    return "\n".join(out)

@@ -190,7 +190,8 @@ def evaluate(
                     value=ratio,
                     met=met,
                     status=_status(met, unstable and not decided),
-                    detail=f"{ratio:.2f}x ({mine['median']:,.1f} vs {theirs['median']:,.1f} {t.figure})"
+                    detail=f"{ratio:.2f}x ({units.figure(t.figure, mine['median'])} vs"
+                    f" {units.figure(t.figure, theirs['median'])})"
                     + _range(mine if mine["unstable"] else theirs, f"{low:.2f}-{high:.2f}x"),
                 )
         out.append(row)

@@ -4,6 +4,7 @@ grouped by a space ("1 000 connections", "85.2 µs", "1.33 s", "6 198 conns/s").
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 
 def grouped(n: float) -> str:
@@ -63,3 +64,24 @@ def percent(fraction: float) -> str:
     """A fraction as a percentage, no decimals from 10 % on."""
     pct = 100 * fraction
     return f"{pct:.0f} %" if abs(pct) >= 10 else f"{pct:.1f} %"
+
+
+#: How each benchmark figure is titled and printed.
+FIGURES: dict[str, tuple[str, Callable[[float], str]]] = {
+    "frames_per_s": ("frames/s", rate),
+    "mb_per_s": ("MB/s", significant),
+    "conns_per_s": ("connections/s", rate),
+    "p50_us": ("p50", duration_us),
+    "p99_us": ("p99", duration_us),
+    "max_us": ("max", duration_us),
+    "server_cpu_us_per_frame": ("server CPU per frame", duration_us),
+    "server_threads": ("threads", grouped),
+    "rss_per_conn_bytes": ("memory per connection", size),
+    "proxy_cpu_pct": ("proxy CPU %", lambda v: f"{v:.0f}"),
+}
+
+
+def figure(name: str, value: float) -> str:
+    """A figure's value as the report prints it: "p99 1.33 s", "120 k frames/s"."""
+    title, text = FIGURES[name]
+    return f"{title} {text(value)}" if name.endswith("_us") else f"{text(value)} {title}"
