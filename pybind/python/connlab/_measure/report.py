@@ -29,9 +29,10 @@ def _fmt(value: dict[str, Any] | None, text: Callable[[float], str]) -> str:
     if not value:
         return "-"
     mark = " *" if value.get("unstable") else ""
-    if value["min"] == value["max"]:
+    low, high = text(value["min"]), text(value["max"])
+    if low == high:  # equal as printed
         return f"{text(value['median'])}{mark}"
-    return f"{text(value['median'])} ({text(value['min'])}-{text(value['max'])}){mark}"
+    return f"{text(value['median'])} ({low}-{high}){mark}"
 
 
 def comparison_rows(bench: Bench) -> tuple[list[str], list[list[str]]]:
