@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
-from rich.markdown import Markdown
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -154,7 +155,9 @@ def _bench_options(p: argparse.ArgumentParser, *, own_servers: bool) -> None:
         metavar="N",
         help="interleaved repetitions; figures are medians with min-max (default: 3)",
     )
-    g.add_argument("--workers", type=threads, default=2, help="workers of pool and tokio (default: 2)")
+    g.add_argument(
+        "--workers", type=threads, default=2, help="workers of pool and tokio, shards of sharded (default: 2)"
+    )
     g.add_argument(
         "--pin",
         action="store_true",
@@ -293,7 +296,9 @@ def _bench(console: Console, cfg: BenchConfig) -> tuple[Bench, list[dict[str, An
     console.print(summary_table(bench))
     if evaluated:
         console.print(targets_table(evaluated))
-    console.print(Markdown(story.markdown(story.story(bench, evaluated))))
+    # Line by line, wrapped by the terminal: every claim stays whole, also in a log.
+    for line in story.story(bench, evaluated):
+        console.print(re.sub(r"\*\*(.+?)\*\*", r"[bold]\1[/bold]", escape(line)), highlight=False)
     return bench, evaluated
 
 
@@ -543,7 +548,9 @@ def add_parsers(sub: Any) -> None:
         metavar="S",
         help="seconds between samples (default: 2.0)",
     )
-    soak.add_argument("--workers", type=threads, default=2, help="workers of pool and tokio (default: 2)")
+    soak.add_argument(
+        "--workers", type=threads, default=2, help="workers of pool and tokio, shards of sharded (default: 2)"
+    )
     soak.add_argument(
         "--max-phantoms",
         type=non_negative_int,

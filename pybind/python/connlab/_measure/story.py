@@ -260,7 +260,9 @@ def noise(bench: Bench) -> str:
     if floor and floor["unstable"]:
         verdict = "The machine was noisy"
     line = f"{verdict}: {_join(parts)}."
-    if total:
+    if bench.config.repetitions < 2:
+        line += " One repetition: no spread to tell noise from difference by."
+    elif total:
         line += (
             f" {len(unstable)} of {total} figures spread over {units.percent(UNSTABLE_SPREAD)}"
             " of their median across repetitions (marked unstable)."
