@@ -21,6 +21,7 @@ def expected_threads(backend: str, workers: int, connections: int) -> int:
         "poll": 1,
         "epoll": 1,
         "tokio": workers,
+        "sharded": workers,  # one loop per shard
     }[backend]
 
 

@@ -18,12 +18,20 @@ pub enum BackendKind {
     Epoll,
     /// A tokio runtime, a task per connection.
     Tokio,
+    /// Thread per core: one epoll loop per shard, sharing nothing per frame.
+    Sharded,
 }
 
 impl BackendKind {
     /// Every backend that exists, in presentation order.
-    pub const ALL: [BackendKind; 5] =
-        [BackendKind::Blocking, BackendKind::Pool, BackendKind::Poll, BackendKind::Epoll, BackendKind::Tokio];
+    pub const ALL: [BackendKind; 6] = [
+        BackendKind::Blocking,
+        BackendKind::Pool,
+        BackendKind::Poll,
+        BackendKind::Epoll,
+        BackendKind::Tokio,
+        BackendKind::Sharded,
+    ];
 
     /// The name used on the command line, in stats and in Python.
     pub fn name(self) -> &'static str {
@@ -33,6 +41,7 @@ impl BackendKind {
             BackendKind::Poll => "poll",
             BackendKind::Epoll => "epoll",
             BackendKind::Tokio => "tokio",
+            BackendKind::Sharded => "sharded",
         }
     }
 }

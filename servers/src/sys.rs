@@ -112,6 +112,18 @@ impl Epoll {
     }
 }
 
+/// Adds `fd` to the epoll instance `epfd` (mio's, whose events carry `token`)
+/// for edge-triggered readability with `EPOLLEXCLUSIVE`: when several epoll
+/// instances watch one listener, a new connection wakes one of those waiting,
+/// not all of them (mio has no flag for it).
+pub fn epoll_add_exclusive(epfd: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
+    let events = (libc::EPOLLIN | libc::EPOLLET | libc::EPOLLEXCLUSIVE) as u32;
+    let mut event = libc::epoll_event { events, u64: token };
+    // `event` outlives the call; the kernel copies it. Both fds are open.
+    syscall!(epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut event))?;
+    Ok(())
+}
+
 /// A timeout rounded up to whole milliseconds (rounding down would wake
 /// early and spin until the deadline); `None` is −1, forever.
 fn timeout_ms(timeout: Option<Duration>) -> libc::c_int {

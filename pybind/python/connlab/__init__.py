@@ -1,4 +1,4 @@
-"""connlab: a laboratory for TCP server architectures, five backends behind one protocol."""
+"""connlab: a laboratory for TCP server architectures, six backends behind one protocol."""
 
 from connlab import client, load, probe
 from connlab._native import BACKENDS, CLOSE_REASONS, STATES, Server

@@ -1,7 +1,7 @@
 //! The backends and the one factory that starts them ([`start`]).
 //!
 //! Each backend module says only how its threads wait — a blocking call,
-//! `poll(2)`, epoll, a tokio runtime — and hands every connection to the
+//! `poll(2)`, epoll, a tokio runtime, an epoll loop per shard — and hands every connection to the
 //! shared driver and every accepted socket to the shared accept gate;
 //! `Served` makes each one a [`Server`].
 
@@ -21,6 +21,7 @@ pub mod blocking;
 pub mod epoll;
 pub mod poll;
 pub mod pool;
+pub mod sharded;
 pub mod tokio_rt;
 
 /// Starts a server of `kind`.
@@ -51,6 +52,7 @@ pub fn start_on(kind: BackendKind, config: Config, listener: Socket) -> Result<B
         BackendKind::Poll => Box::new(poll::start(config, listener, gate)?),
         BackendKind::Epoll => Box::new(epoll::start(config, listener, gate)?),
         BackendKind::Tokio => Box::new(tokio_rt::start(config, listener, gate)?),
+        BackendKind::Sharded => Box::new(sharded::start(config, listener, gate)?),
     };
     Ok(server)
 }

@@ -201,7 +201,7 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=threads,
         default=None,
-        help="worker threads for pooled backends (default: number of cores)",
+        help="worker threads of pool and tokio, shards of sharded (default: number of cores)",
     )
     counts = (
         ("max-connections", 10_000, "connections over this are accepted and closed at once"),

@@ -84,9 +84,24 @@ def default_targets(workers: int, proxied_backends: Sequence[str] = ()) -> list[
         r("pool >= 0.7x epoll at 100 connections", c100, "frames_per_s", "pool", "epoll", 0.7),
         r("pool >= 0.7x epoll at 1000 connections", c1000, "frames_per_s", "pool", "epoll", 0.7),
         r("blocking >= 0.5x epoll at 1000 connections", c1000, "frames_per_s", "blocking", "epoll", 0.5),
+        r(
+            f"sharded ({workers} shards) >= 1.3x epoll frames/s at 1000 connections",
+            c1000,
+            "frames_per_s",
+            "sharded",
+            "epoll",
+            1.3,
+        ),
         *(
             Limit(f"{b} idle RSS per connection <= {kib} KiB", idle, "rss_per_conn_bytes", b, kib << 10, "B")
-            for b, kib in (("epoll", 1), ("poll", 1), ("pool", 1), ("blocking", 16), ("tokio", 4))
+            for b, kib in (
+                ("epoll", 1),
+                ("poll", 1),
+                ("pool", 1),
+                ("blocking", 16),
+                ("tokio", 4),
+                ("sharded", 1),
+            )
         ),
         Limit(
             f"pool threads at 1000 connections <= workers + 1 = {workers + 1} (+1 serve main thread)",
