@@ -5,7 +5,7 @@
 //! remembers what it has not drained, since an edge is reported only once.
 //! Deadlines live in a heap (the driver's `Timers`), so a tick costs nothing
 //! per idle connection. The same loop is each shard of `sharded`, given its
-//! [`Shard`].
+//! `Shard`.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
