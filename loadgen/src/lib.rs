@@ -10,8 +10,8 @@
 //!   warm-up, window and drain phases, and how an open loop avoids
 //!   coordinated omission.
 //! - [`churn`]: connect, one frame, close, many times over.
-//! - [`pingpong`]: the loopback baseline, one connection to an echo thread of
-//!   its own.
+//! - [`pingpong`]: the loopback baseline, the closed-loop client on one
+//!   connection to an echo thread of its own.
 //! - [`report`]: error kinds, what each thread records, and the merged
 //!   [`Report`] (rates, percentiles, the exportable histogram).
 //! - [`hdr`]: exported histograms (compressed V2, nanoseconds) decoded,

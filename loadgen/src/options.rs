@@ -294,8 +294,8 @@ impl Churn {
     }
 }
 
-/// The raw loopback round trip: one connection to an echo thread of the
-/// generator itself (see [`crate::pingpong`]).
+/// The raw loopback round trip: the closed-loop client on one connection to
+/// an echo thread of the generator itself (see [`crate::pingpong`]).
 #[derive(Debug, Clone, Copy)]
 pub struct PingPong {
     /// Payload bytes per frame.

@@ -1,55 +1,83 @@
-//! The loopback baseline: one connection, two threads, blocking sockets, no
-//! connlab server. The calling thread sends a frame and waits for its echo;
-//! an echo thread of this module answers with one write per frame. Its p50
-//! round trip is what the kernel and two wake-ups cost, so a backend's
-//! one-connection p50 can be read against it.
+//! The loopback baseline: the generator's own closed-loop client — the one
+//! every backend's one-connection round trip is measured with — on one
+//! connection to a minimal echo thread of this module (blocking reads, one
+//! write per frame), no connlab server. Its p50 round trip is what the
+//! kernel, the client and two wake-ups cost, so the ratio of a backend's
+//! one-connection p50 to it is the server's overhead alone.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use connlab_servers::codec::{self, HEADER_LEN};
+use connlab_servers::codec::HEADER_LEN;
 
-use crate::payload;
-use crate::report::{ErrorKind, Mode, Recorder, Report, Shape};
+use crate::options::ClosedLoop;
+use crate::report::{Mode, Report};
 use crate::{setup_error, Error};
 
-/// How long either side waits for a byte before it gives up (a bound, not a
-/// pace: on loopback an answer takes microseconds).
+/// How long the echo waits for a byte before it gives up on a connection (a
+/// bound, not a pace: on loopback an answer takes microseconds).
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Round trips for `warmup + duration`; those that end inside `duration`
-/// after the warm-up count.
+/// Round trips for `warmup + duration` by the closed-loop client, one frame
+/// at a time on one connection; those that end inside `duration` after the
+/// warm-up count.
 pub(crate) fn run(size: usize, duration: Duration, warmup: Duration) -> Result<Report, Error> {
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(setup_error("binding a loopback listener"))?;
     let address = listener.local_addr().map_err(setup_error("reading the listener's address"))?;
-    // The connect completes in the listener's backlog, so the accept below
-    // cannot wait: no thread is ever left blocked in accept.
-    let client = TcpStream::connect(address).map_err(setup_error("connecting over loopback"))?;
-    let (server, _) = listener.accept().map_err(setup_error("accepting over loopback"))?;
-    drop(listener);
-    for s in [&client, &server] {
-        s.set_nodelay(true).map_err(setup_error("setting TCP_NODELAY"))?;
-        s.set_read_timeout(Some(IO_TIMEOUT)).map_err(setup_error("setting SO_RCVTIMEO"))?;
-        s.set_write_timeout(Some(IO_TIMEOUT)).map_err(setup_error("setting SO_SNDTIMEO"))?;
-    }
-    let (rec, elapsed) = std::thread::scope(|scope| {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (listener, done) = (&listener, &done);
         let echo = std::thread::Builder::new()
             .name("loadgen-echo".into())
-            .spawn_scoped(scope, move || echo(server))
+            .spawn_scoped(scope, move || serve(listener, done))
             .map_err(setup_error("spawning the echo thread"))?;
-        // The client's socket closes when `ping` returns, which ends the echo thread.
-        let measured = ping(client, size, duration, warmup);
+        let job = ClosedLoop {
+            connections: 1,
+            size,
+            pipeline: 1,
+            duration,
+            warmup,
+            threads: Some(1),
+            ..ClosedLoop::new(address)
+        };
+        let report = job.run();
+        // The echo thread is in `accept` (or about to be): one last
+        // connection wakes it to see `done`.
+        done.store(true, Ordering::Release);
+        let _ = TcpStream::connect(address);
         let _ = echo.join();
-        Ok::<_, Error>(measured)
-    })?;
-    let shape = Shape { connections: 1, threads: 2, size, rate: None };
-    Ok(Report::new(Mode::PingPong, shape, rec, elapsed))
+        let mut report = report?;
+        report.mode = Mode::PingPong;
+        report.threads = 2;
+        Ok(report)
+    })
+}
+
+/// Serves the client's connections one after another (it reconnects after a
+/// failure) until `done`.
+fn serve(listener: &TcpListener, done: &AtomicBool) {
+    for stream in listener.incoming() {
+        if done.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(stream) = stream {
+            echo(stream);
+        }
+    }
 }
 
 /// Echoes frames until EOF or an error, each answer in one write.
 fn echo(mut stream: TcpStream) {
+    let set = stream
+        .set_nodelay(true)
+        .and_then(|()| stream.set_read_timeout(Some(IO_TIMEOUT)))
+        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)));
+    if set.is_err() {
+        return;
+    }
     let mut frame = vec![0; HEADER_LEN];
     loop {
         frame.truncate(HEADER_LEN);
@@ -62,42 +90,4 @@ fn echo(mut stream: TcpStream) {
             return;
         }
     }
-}
-
-/// Sends frames one at a time and checks each echo; returns what it counted
-/// and the measured window's length. A failure counts one error and ends the run.
-fn ping(mut stream: TcpStream, size: usize, duration: Duration, warmup: Duration) -> (Recorder, Duration) {
-    let mut rec = Recorder::new();
-    let start = Instant::now();
-    let window_start = start + warmup;
-    let window_end = window_start + duration;
-    let mut frame = Vec::with_capacity(HEADER_LEN + size);
-    let mut answer = vec![0; HEADER_LEN + size];
-    let mut seq = 0;
-    let mut now = start;
-    while now < window_end {
-        let seed = payload::seed(0, seq);
-        seq += 1;
-        frame.clear();
-        frame.extend_from_slice(&codec::header(size as u32));
-        frame.resize(HEADER_LEN + size, 0);
-        payload::fill(seed, 0, &mut frame[HEADER_LEN..]);
-        let sent = Instant::now();
-        if let Err(e) = stream.write_all(&frame).and_then(|()| stream.read_exact(&mut answer)) {
-            rec.errors.add(match e.kind() {
-                io::ErrorKind::UnexpectedEof => ErrorKind::Eof,
-                _ => ErrorKind::of(&e),
-            });
-            break;
-        }
-        now = Instant::now();
-        if answer[..HEADER_LEN] != frame[..HEADER_LEN] || !payload::matches(seed, 0, &answer[HEADER_LEN..]) {
-            rec.errors.add(ErrorKind::Corrupt);
-            break;
-        }
-        if now >= window_start && now < window_end {
-            rec.record(now - sent);
-        }
-    }
-    (rec, now.saturating_duration_since(window_start))
 }

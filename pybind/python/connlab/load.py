@@ -188,9 +188,11 @@ def churn(
 
 
 def pingpong(size: int = 64, *, duration: float = 1.0, warmup: float = 0.1) -> Result:
-    """The raw loopback round trip, no connlab server: one connection between the calling thread and
-    an echo thread of the generator, blocking sockets, one frame at a time. Its p50 is what the kernel
-    and two wake-ups cost, the floor to read a backend's one-connection p50 against.
+    """The raw loopback round trip, no connlab server: the generator's own closed-loop client (the
+    one that measures a backend's round trip) on one connection to a minimal echo thread of the
+    generator (blocking reads, one write per frame), one frame at a time. Its p50 is what the kernel,
+    the client and two wake-ups cost: the floor to read a backend's one-connection p50 against, so
+    the ratio is the server's overhead alone.
     """
     return cast(Result, _native.load_pingpong(size, duration, warmup))
 
