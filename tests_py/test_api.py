@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import socket
 import threading
@@ -26,10 +27,29 @@ STATS_KEYS = {
 def test_backends_lists_exactly_what_exists() -> None:
     assert connlab.BACKENDS and len(set(connlab.BACKENDS)) == len(connlab.BACKENDS)
     for name in connlab.BACKENDS:
+        if connlab.unavailable(name):
+            continue  # test_an_unavailable_backend_says_why covers it
         with connlab.Server(name) as server:
             assert server.backend == name
     assert connlab.STATES == ("Connecting", "ReadingHeader", "ReadingBody", "Writing", "Closing")
     assert len(connlab.CLOSE_REASONS) == 9
+
+
+def test_an_unavailable_backend_says_why(leak_guard) -> None:
+    """Every backend but uring runs anywhere; uring either starts and echoes, or refuses to start
+    with BackendUnavailable carrying the same reason `unavailable` gives."""
+    assert all(connlab.unavailable(b) is None for b in connlab.BACKENDS if b != "uring")
+    with pytest.raises(ValueError, match=r"^backend: unknown backend"):
+        connlab.unavailable("nosuch")
+    why = connlab.unavailable("uring")
+    if why is None:
+        with connlab.Server("uring") as server, connect(server.address) as c:
+            c.sendall(encode(b"ring"))
+            assert read_frame(c) == b"ring"
+    else:
+        said = "^" + re.escape(f"backend: uring is unavailable: {why}")
+        with pytest.raises(connlab.BackendUnavailable, match=said):
+            connlab.Server("uring")
 
 
 @pytest.mark.parametrize(

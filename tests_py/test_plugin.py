@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from connlab.matrix import core
 from connlab.process import ServeProcess, connlab_serve_argv
 
 USES_SERVER = """
@@ -24,6 +25,22 @@ def test_connlab_server_runs_once_per_selected_backend(pytester: pytest.Pytester
     result = pytester.runpytest("--connlab-backends=epoll,poll", "-v")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*test_echo?epoll? PASSED*", "*test_echo?poll? PASSED*"])
+
+
+def test_a_backend_this_machine_cannot_run_is_skipped_with_the_reason(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "backend_unavailable", lambda b: "no ring here" if b == "poll" else None)
+    pytester.makepyfile(USES_SERVER)
+    result = pytester.runpytest("--connlab-backends=epoll,poll", "-v", "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*test_echo?epoll? PASSED*", "SKIPPED*no ring here*"])
+    # The matrix's rows on it are skipped too, with the same reason.
+    sc = core.SCENARIOS["H1"]
+    options = core.options_for(True, {})
+    skipped = core.run_one(sc, core.Target.in_process("poll"), options)
+    assert (skipped.status, skipped.detail) == (core.SKIP, "no ring here")
+    assert core.run_one(sc, core.Target.in_process("epoll"), options).status == core.PASS
 
 
 def test_ini_key_mirrors_the_option(pytester: pytest.Pytester) -> None:

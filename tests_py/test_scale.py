@@ -22,6 +22,7 @@ def expected_threads(backend: str, workers: int, connections: int) -> int:
         "epoll": 1,
         "tokio": workers,
         "sharded": workers,  # one loop per shard
+        "uring": 1,
     }[backend]
 
 

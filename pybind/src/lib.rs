@@ -21,9 +21,17 @@ mod handoff_py;
 mod load;
 mod proxy;
 
+pyo3::create_exception!(
+    connlab,
+    BackendUnavailable,
+    pyo3::exceptions::PyRuntimeError,
+    "The backend cannot run on this machine (e.g. `uring` where io_uring is disabled); the message says why."
+);
+
 /// The one conversion from the servers' error to a Python exception:
-/// `ValueError` for bad arguments, `OSError` (with errno) for syscalls; the
-/// message starts with the argument's name.
+/// `ValueError` for bad arguments, `OSError` (with errno) for syscalls,
+/// `BackendUnavailable` for a backend this machine cannot run; the message
+/// starts with the argument's name.
 #[derive(Debug)]
 pub(crate) struct NativeError(pub(crate) Error);
 
@@ -35,6 +43,7 @@ impl From<NativeError> for PyErr {
                 Some(errno) => PyOSError::new_err((errno, err.0.to_string())),
                 None => PyOSError::new_err(err.0.to_string()),
             },
+            Error::Unavailable { .. } => BackendUnavailable::new_err(err.0.to_string()),
         }
     }
 }
@@ -387,6 +396,14 @@ impl Drop for PyServer {
     }
 }
 
+/// Why `backend` cannot run on this machine, or None if it can (sets up and
+/// drops what it needs, e.g. an io_uring ring).
+#[pyfunction]
+fn unavailable(py: Python<'_>, backend: &str) -> PyResult<Option<String>> {
+    let kind: BackendKind = backend.parse().map_err(NativeError)?;
+    Ok(py.detach(|| kind.unavailable()))
+}
+
 /// The native module: `Server`, the names of backends, states and reasons,
 /// the load generator's `load_*` functions, and the fault-injecting `Proxy`.
 #[pymodule]
@@ -396,6 +413,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     load::register(m)?;
     proxy::register(m)?;
     m.add("BACKENDS", PyTuple::new(py, BackendKind::ALL.map(BackendKind::name))?)?;
+    m.add("BackendUnavailable", py.get_type::<BackendUnavailable>())?;
+    m.add_function(wrap_pyfunction!(unavailable, m)?)?;
     m.add("STATES", PyTuple::new(py, State::ALL.map(State::name))?)?;
     m.add("CLOSE_REASONS", PyTuple::new(py, CloseReason::ALL.map(CloseReason::name))?)?;
     Ok(())

@@ -131,6 +131,14 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
+    /// The backend cannot run on this machine (e.g. `uring` where io_uring
+    /// is disabled or the kernel is too old); `reason` says which.
+    Unavailable {
+        /// The backend.
+        backend: &'static str,
+        /// Why, in a sentence naming the cause.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -150,6 +158,7 @@ impl Error {
     pub fn field(&self) -> &'static str {
         match self {
             Error::Invalid { field, .. } | Error::Io { field, .. } => field,
+            Error::Unavailable { .. } => "backend",
         }
     }
 }
@@ -159,6 +168,9 @@ impl fmt::Display for Error {
         match self {
             Error::Invalid { field, message } => write!(f, "{field}: {message}"),
             Error::Io { field, context, source } => write!(f, "{field}: {context}: {source}"),
+            Error::Unavailable { backend, reason } => {
+                write!(f, "backend: {backend} is unavailable: {reason}")
+            }
         }
     }
 }
@@ -167,7 +179,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io { source, .. } => Some(source),
-            Error::Invalid { .. } => None,
+            Error::Invalid { .. } | Error::Unavailable { .. } => None,
         }
     }
 }

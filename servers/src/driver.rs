@@ -53,6 +53,13 @@ pub(crate) trait Io: AsFd {
     /// bounded by the core's `deadline`.
     fn recv(&mut self, buf: &mut Vec<u8>, deadline: Option<Instant>) -> io::Result<usize>;
 
+    /// Bytes received from the kernel and not yet returned by `recv` (a
+    /// completion-based socket takes them off the kernel's queue before the
+    /// driver asks): at the stop they count as unread input, as `FIONREAD`'s do.
+    fn buffered(&self) -> usize {
+        0
+    }
+
     /// The driver has just passed the stop to the core (a backend that wakes
     /// parked threads until each has seen the stop learns it here).
     fn stop_seen(&mut self) {}
@@ -195,7 +202,8 @@ impl<I: Io> Link<I> {
             let now = Instant::now();
             if let (false, Some(grace_end)) = (self.stop_seen, gate.grace_end()) {
                 self.stop_seen = true;
-                let rx_empty = sys::fionread(io.as_fd().as_raw_fd()).map_or(true, |n| n == 0);
+                let rx_empty =
+                    io.buffered() == 0 && sys::fionread(io.as_fd().as_raw_fd()).map_or(true, |n| n == 0);
                 conn.on_stop(now, grace_end, rx_empty, gate.linger_idle(), handle);
                 io.stop_seen();
             }

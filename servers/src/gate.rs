@@ -74,8 +74,9 @@ impl Gate {
     /// `None` — over `max_connections` it is counted as rejected; once
     /// admission has ended it is reset uncounted, as the kernel resets what
     /// is left in a closed listener's queue. On `None` the caller drops the
-    /// socket at once, without reading.
-    #[cfg(test)]
+    /// socket at once, without reading. For a backend whose kernel accepts
+    /// (`uring`); the others accept under the lock through
+    /// [`Acceptor::accept_all`].
     pub fn admit(&self, sock: &impl std::os::fd::AsFd, peer: SocketAddr) -> Option<ConnHandle> {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if !*open {

@@ -20,17 +20,20 @@ pub enum BackendKind {
     Tokio,
     /// Thread per core: one epoll loop per shard, sharing nothing per frame.
     Sharded,
+    /// One thread, completion-based I/O through io_uring.
+    Uring,
 }
 
 impl BackendKind {
     /// Every backend that exists, in presentation order.
-    pub const ALL: [BackendKind; 6] = [
+    pub const ALL: [BackendKind; 7] = [
         BackendKind::Blocking,
         BackendKind::Pool,
         BackendKind::Poll,
         BackendKind::Epoll,
         BackendKind::Tokio,
         BackendKind::Sharded,
+        BackendKind::Uring,
     ];
 
     /// The name used on the command line, in stats and in Python.
@@ -42,6 +45,18 @@ impl BackendKind {
             BackendKind::Epoll => "epoll",
             BackendKind::Tokio => "tokio",
             BackendKind::Sharded => "sharded",
+            BackendKind::Uring => "uring",
+        }
+    }
+}
+
+impl BackendKind {
+    /// Why this backend cannot run on this machine, if it cannot (`uring`
+    /// where io_uring is disabled, forbidden or too old); the others always can.
+    pub fn unavailable(self) -> Option<String> {
+        match self {
+            BackendKind::Uring => crate::backend::uring::unavailable(),
+            _ => None,
         }
     }
 }

@@ -15,7 +15,8 @@
 //! - [`server`]: the [`Server`] trait and its one implementation, which
 //!   carries "stop runs once; drop stops with no grace" for every backend.
 //! - [`backend`]: the [`start`] factory and one module per backend; each
-//!   only says how its threads wait (a blocking call, `poll`, epoll, tokio).
+//!   only says how its threads wait (a blocking call, `poll`, epoll, tokio,
+//!   io_uring's completions).
 //! - [`registry`]: the connection table, every counter of `stats()`, and the
 //!   transition journal. [`kind`]: [`BackendKind`], the one list of backends.
 //! - [`config`]: [`Config`], its validation, and the crate's [`Error`].

@@ -93,6 +93,12 @@ pub trait Server: Send + Sync + fmt::Debug {
 
 /// What a backend leaves running once started.
 pub(crate) trait Running: Send + fmt::Debug {
+    /// Called once before admission ends: a backend whose kernel accepts on
+    /// its behalf (`uring`'s multishot accept) stops it here and returns once
+    /// its last accepted connection is admitted, so nothing is taken from the
+    /// listener's queue after the gate closes.
+    fn end_admission(&mut self) {}
+
     /// The rest of stop, once the gate is closed: close the listener, wake
     /// every connection so it sees the stop, wait until each one is closed
     /// (by the end of the grace at the latest), join every thread and close
@@ -132,7 +138,8 @@ impl<R: Running> Server for Served<R> {
         // Held to the end: a concurrent second call returns its zeros once
         // the server is down.
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(running) = running.take() else { return StopReport::default() };
+        let Some(mut running) = running.take() else { return StopReport::default() };
+        running.end_admission();
         self.gate.close(shutdown::grace_end(started, grace), handoff);
         admission_closed();
         running.take_down();

@@ -8,6 +8,12 @@ BACKENDS: tuple[str, ...]
 STATES: tuple[str, ...]
 CLOSE_REASONS: tuple[str, ...]
 
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run on this machine (e.g. `uring` where io_uring is disabled)."""
+
+def unavailable(backend: str) -> str | None:
+    """Why `backend` cannot run on this machine, or None if it can."""
+
 Address = tuple[str, int]
 Transition = tuple[int, Address, str | None, str, str | None, float]
 

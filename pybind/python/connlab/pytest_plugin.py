@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -153,11 +154,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A backend this machine cannot run (uring without io_uring) is skipped with the reason.
     if "connlab_backend" in metafunc.fixturenames:
-        metafunc.parametrize("connlab_backend", metafunc.config.stash[_BACKENDS])
+        backends = [Target.in_process(b) for b in metafunc.config.stash[_BACKENDS]]
+        metafunc.parametrize("connlab_backend", [_param(t.backend, t) for t in backends])
     if "connlab_target" in metafunc.fixturenames:
         targets = metafunc.config.stash[_TARGETS]
-        metafunc.parametrize("connlab_target", targets, ids=[t.name for t in targets])
+        metafunc.parametrize("connlab_target", [_param(t, t) for t in targets], ids=[t.name for t in targets])
+
+
+def _param(value: Any, target: Target) -> Any:
+    """`value` as a parameter, skipped with the reason when `target` cannot run here."""
+    why = target.unavailable()
+    return value if why is None else pytest.param(value, marks=pytest.mark.skip(reason=why))
 
 
 def warnings_seen(config: pytest.Config) -> list[str]:

@@ -1,7 +1,8 @@
 //! The backends and the one factory that starts them ([`start`]).
 //!
 //! Each backend module says only how its threads wait — a blocking call,
-//! `poll(2)`, epoll, a tokio runtime, an epoll loop per shard — and hands every connection to the
+//! `poll(2)`, epoll, a tokio runtime, an epoll loop per shard, io_uring's
+//! completions — and hands every connection to the
 //! shared driver and every accepted socket to the shared accept gate;
 //! `Served` makes each one a [`Server`].
 
@@ -23,6 +24,7 @@ pub mod poll;
 pub mod pool;
 pub mod sharded;
 pub mod tokio_rt;
+pub mod uring;
 
 /// Starts a server of `kind`.
 pub fn start(kind: BackendKind, config: Config) -> Result<Box<dyn Server>, Error> {
@@ -53,6 +55,7 @@ pub fn start_on(kind: BackendKind, config: Config, listener: Socket) -> Result<B
         BackendKind::Epoll => Box::new(epoll::start(config, listener, gate)?),
         BackendKind::Tokio => Box::new(tokio_rt::start(config, listener, gate)?),
         BackendKind::Sharded => Box::new(sharded::start(config, listener, gate)?),
+        BackendKind::Uring => Box::new(uring::start(config, listener, gate)?),
     };
     Ok(server)
 }

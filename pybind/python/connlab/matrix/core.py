@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from connlab import probe
-from connlab._native import BACKENDS, Server
+from connlab._native import BACKENDS, Server, unavailable
 from connlab.client import connect
 from connlab.process import LeakGuard, ServeProcess, Stopped, accepts, connlab_serve_argv
 from connlab.proxy import Proxy
@@ -370,6 +371,11 @@ class Target:
             address=(host.strip("[]"), int(port)),
             pid=pid,
         )
+
+    def unavailable(self) -> str | None:
+        """Why this in-process backend cannot run on this machine (e.g. `uring` where io_uring is
+        disabled), or None: its rows are then skipped with that reason rather than failed."""
+        return backend_unavailable(self.backend) if self.backend is not None else None
 
     def reachable(self) -> str | None:
         """None if an external target can be tested (or this is no external target); else why
@@ -743,6 +749,13 @@ class Repeated(Result):
         return {**super().to_json(), "failed_rounds": len(self.rounds_with(FAIL))}
 
 
+@functools.cache
+def backend_unavailable(backend: str) -> str | None:
+    """Why `backend` cannot run on this machine, or None; asked once per process."""
+    why = unavailable(backend)
+    return None if why is None else f"{backend} is unavailable here: {why}"
+
+
 def repeated(rounds: list[list[Result]]) -> list[Repeated]:
     """Each scenario on each target over `rounds` (each round's results in the same order)."""
     runs: dict[tuple[str, str], list[Result]] = {}
@@ -756,7 +769,7 @@ def run_one(sc: Scenario, target: Target, options: Options) -> Result:
     """Runs one scenario on one target, inside its leak guard and its time budget; never raises
     but for KeyboardInterrupt (after ending what the scenario started)."""
     started = time.monotonic()
-    why_not = sc.applies_to(target)
+    why_not = target.unavailable() or sc.applies_to(target)
     if why_not:
         return Result(sc.id, target.name, SKIP, 0.0, why_not)
     for feature in sorted(sc.needs):
