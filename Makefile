@@ -26,7 +26,12 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
+# strace counts the benchmark's syscalls per frame: installed where it is missing and apt-get can
+# (as root, as in CI); otherwise setup goes on, and the benchmark says "strace not installed".
 setup: $(STAMP)
+	@command -v strace >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; } \
+		|| echo "strace not installed: the benchmark's syscall phase will say so"
 
 build: setup
 	$(BIN)/maturin develop --release --quiet

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from connlab._cli import build_parser, measure
 from connlab._measure import report, targets
 from connlab._measure.bench import Workload, spread_of
 
@@ -30,6 +32,8 @@ TINY = [
     "20x5",
     "--rate",
     "2000",
+    "--syscall-frames",
+    "300",
 ]
 
 
@@ -66,6 +70,15 @@ def test_bench_smoke_measures_every_workload_on_every_backend(tmp_path: Path) ->
     assert data["summary"]["closed64-c10"]["epoll"]["server_threads"]["median"] <= 3
     assert {t["label"] for t in data["targets"]} >= {"epoll idle RSS per connection <= 1 KiB"}
     assert data["summary"]["idle"]["epoll"]["rss_per_conn_bytes"]["median"] > 0
+    # The syscall phase, after the timed runs: a row per server, counted where strace is.
+    rows = {r["server"]: r for r in data["syscalls"]}
+    assert set(rows) == {"epoll", "blocking"}
+    if shutil.which("strace") is None:
+        assert {r["status"] for r in rows.values()} == {"strace not installed"}
+    else:
+        assert {r["status"] for r in rows.values()} == {"counted"}, rows
+        assert 2 <= rows["epoll"]["per_frame"] <= 5 and 1.5 <= rows["blocking"]["per_frame"] <= 5, rows
+    assert "Syscalls per echoed frame" in run.stdout
 
 
 def test_bench_proxy_measures_each_backend_through_the_proxy_beside_it_direct(tmp_path: Path) -> None:
@@ -240,6 +253,8 @@ def test_help_explains_every_option(command: str) -> None:
             "--out",
             "--baseline",
             "--fail-on-missed",
+            "--no-syscalls",
+            "--syscall-frames",
         ],
         "soak": [
             "--backend",
@@ -263,6 +278,8 @@ def test_help_explains_every_option(command: str) -> None:
             "--size",
             "--baseline",
             "--fail-on-missed",
+            "--no-syscalls",
+            "--syscall-frames",
         ],
     }[command]
     for option in options:
@@ -276,7 +293,11 @@ def test_targets_are_ratios_to_the_same_run() -> None:
     closed = Workload("closed", connections=10), Workload("closed", connections=1000)
     summary = {
         closed[0]: {"epoll": cell(frames_per_s=120.0), "tokio": cell(frames_per_s=100.0)},
-        closed[1]: {"epoll": cell(p99_us=40.0), "tokio": cell(p99_us=100.0)},
+        closed[1]: {
+            "epoll": cell(p99_us=40.0, server_cpu_us_per_frame=6.0),
+            "tokio": cell(p99_us=100.0, server_cpu_us_per_frame=8.0),
+            "uring": cell(server_cpu_us_per_frame=5.0),
+        },
         Workload("idle", steps=(0, 50)): {"tokio": cell(rss_per_conn_bytes=5000.0)},
         Workload("rtt"): {"epoll": cell(p50_us=25.0)},
         Workload("churn", cycles=20, parallel=5): {
@@ -293,5 +314,48 @@ def test_targets_are_ratios_to_the_same_run() -> None:
     assert rows["epoll one-connection p50 <= 1.2x raw loopback ping-pong"]["value"] == pytest.approx(1.25)
     assert rows["epoll one-connection p50 <= 1.2x raw loopback ping-pong"]["met"] is False
     assert rows["poll >= 0.8x epoll at 100 connections"]["status"] == "not measured"
+    # Server CPU per frame at 1 000 connections: epoll against tokio, uring against epoll.
+    cpu = rows["epoll <= 0.9x tokio server CPU per frame at 1000 connections"]
+    assert cpu["value"] == pytest.approx(0.75) and cpu["met"] is True
+    assert cpu["detail"] == "0.75x (6.00 µs server CPU per frame vs 8.00 µs server CPU per frame)"
+    uring = rows["uring <= 0.8x epoll server CPU per frame at 1000 connections"]
+    assert uring["value"] == pytest.approx(5 / 6) and uring["met"] is False
+    # The ping-pong floor target covers uring too, beside epoll and poll.
+    assert "uring one-connection p50 <= 1.2x raw loopback ping-pong" in rows
+    assert rows["poll one-connection p50 <= 1.2x raw loopback ping-pong"]["status"] == "not measured"
     # Read from whatever churn the run had, found by its kind, not by its name.
     assert rows["epoll >= 1.1x tokio churn rate"]["value"] == pytest.approx(1.5)
+
+
+def test_sharded_target_is_judged_only_unpinned() -> None:
+    """Pinned, the shards share the server's one CPU while the generator has the other: the
+    sharded >= 1.3x epoll target then says it is not measured, and why."""
+
+    def cell(**figures: float) -> dict:
+        return {k: spread_of([v]) for k, v in figures.items()}
+
+    summary = {
+        Workload("closed", connections=1000): {
+            "epoll": cell(frames_per_s=100.0),
+            "sharded": cell(frames_per_s=140.0),
+        }
+    }
+    label = "sharded (2 shards) >= 1.3x epoll frames/s at 1000 connections (unpinned)"
+    for pinned, status in ((False, "met"), (True, "not measured")):
+        rows = {
+            r["label"]: r for r in targets.evaluate(targets.default_targets(2), summary, [], pinned=pinned)
+        }
+        assert rows[label]["status"] == status, pinned
+    assert "unpinned run only" in rows[label]["detail"]
+
+
+def test_a_backend_this_machine_cannot_run_is_left_out_of_the_bench_with_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def why(backend: str) -> str | None:
+        return f"{backend} is unavailable here: no ring" if backend == "uring" else None
+
+    monkeypatch.setattr(measure, "backend_unavailable", why)
+    cfg = measure._bench_config(build_parser().parse_args(["bench", "--backends", "epoll,uring"]))
+    assert cfg.backends == ["epoll"]
+    assert cfg.skipped == {"uring": "uring is unavailable here: no ring"}

@@ -23,6 +23,7 @@ EVERY_PLOT = {
     "p99.png",
     "threads.png",
     "cpu_per_frame.png",
+    "cpu_vs_tokio.png",
     "mb_per_s.png",
     "open_latency.png",
     "rtt.png",
@@ -30,7 +31,7 @@ EVERY_PLOT = {
     "churn.png",
 }
 #: What a server without a pid has no figures for.
-NEEDS_PID = {"threads.png", "cpu_per_frame.png", "rss_per_conn.png"}
+NEEDS_PID = {"threads.png", "cpu_per_frame.png", "cpu_vs_tokio.png", "rss_per_conn.png"}
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,7 @@ def test_a_workload_not_run_has_no_plot(tmp_path: Path, histogram: str) -> None:
     bench.config.workloads = [w for w in bench.config.workloads if w.kind in {"closed", "rtt"}]
     bench.runs = [r for r in bench.runs if r.workload in bench.config.workloads]
     made = plots.draw(bench, tmp_path)
+    # Without tokio in the run, no CPU ratio to it either.
     assert set(made.values()) == {"throughput.png", "p99.png", "threads.png", "cpu_per_frame.png"} | {
         "mb_per_s.png",
         "rtt.png",
@@ -133,6 +135,37 @@ def test_the_throughput_axis_is_ticked_at_the_measured_counts(histogram: str) ->
     assert list(ax.get_xticks()) == [1, 10, 100, 1000, 5000]
     assert not [t for t in ax.get_xticklabels(minor=True) if t.get_text()]
     assert len(ax.get_legend().get_texts()) == len(BACKENDS)
+
+
+def test_cpu_per_frame_against_tokio_is_a_ratio_per_repetition_by_connections(histogram: str) -> None:
+    bench = synthetic(histogram, backends=BACKENDS, reps=3)
+    closed = plots.main_closed(bench.config.workloads)
+    # Each run's ratio is to tokio's run of the same workload and repetition.
+    for w in closed:
+        for rep in range(3):
+            epoll, tokio = (
+                next(r for r in bench.runs if (r.workload, r.rep, r.backend) == (w, rep, b))
+                for b in ("epoll", "tokio")
+            )
+            assert epoll.metrics["server_cpu_vs_tokio"] == pytest.approx(
+                epoll.metrics["server_cpu_us_per_frame"] / tokio.metrics["server_cpu_us_per_frame"]
+            )
+    fig = next(fig for name, _, fig in plots.figures(bench) if name == "cpu_vs_tokio.png")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "10", "100", "1 000", "5 000"]
+    # A line per server with min-max error bars (tokio's flat at 1, the reference), in each
+    # server's style; blocking's unstable points hollow, and the legend says so.
+    series = {c.get_label(): c for c in ax.containers}
+    assert list(series) == BACKENDS
+    assert list(series["tokio"].lines[0].get_ydata()) == [1.0] * len(closed)
+    epoll = series["epoll"].lines[0]
+    medians = [bench.summary[w]["epoll"]["server_cpu_vs_tokio"]["median"] for w in closed]
+    assert list(epoll.get_ydata()) == pytest.approx(medians)
+    assert epoll.get_marker() == plots.MARKERS[BACKENDS.index("epoll")]
+    assert series["epoll"].has_yerr
+    legend = [t.get_text().replace("\n", " ") for t in ax.get_legend().get_texts()]
+    assert legend == [*BACKENDS, plots.HOLLOW_NOTE]
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
 
 
 def test_unstable_figures_are_noted_in_the_legend(histogram: str) -> None:

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -234,6 +235,28 @@ def test_a_regression_is_a_move_beyond_both_runs_noise(tmp_path: Path) -> None:
         baseline.read(bad)
 
 
+def test_server_cpu_per_frame_is_read_against_tokios_in_the_same_repetition(tmp_path: Path) -> None:
+    c10 = Workload("closed", connections=10)
+    values = {
+        (c10, "epoll"): _reps(frames_per_s=[1e5] * 3, server_cpu_us_per_frame=[6.0, 7.0, 9.0]),
+        (c10, "tokio"): _reps(frames_per_s=[1e5] * 3, server_cpu_us_per_frame=[8.0, 7.0, 10.0]),
+    }
+    bench = _bench(values, ["epoll", "tokio"])
+    # Repetition by repetition: 6/8, 7/7, 9/10.
+    ratio = bench.summary[c10]["epoll"]["server_cpu_vs_tokio"]
+    assert (ratio["median"], ratio["min"], ratio["max"]) == pytest.approx((0.9, 0.75, 1.0))
+    assert bench.summary[c10]["tokio"]["server_cpu_vs_tokio"]["median"] == 1.0
+    _, rows = report.comparison_rows(bench)
+    assert ["", "server CPU per frame vs tokio", "0.900x (0.750x-1.00x) *", "1.00x"] in rows  # 28 % spread
+    report.write(tmp_path, {"machine": {}, "bench": bench.to_json(), "targets": []}, bench)
+    summary = list(csv.DictReader((tmp_path / "summary.csv").read_text().splitlines()))
+    [row] = [r for r in summary if r["figure"] == "server_cpu_vs_tokio" and r["server"] == "epoll"]
+    assert float(row["median"]) == pytest.approx(0.9) and row["n"] == "3"
+    # Without tokio in the run, there is nothing to read it against.
+    alone = _bench({(c10, "epoll"): _reps(server_cpu_us_per_frame=[6.0, 7.0, 9.0])}, ["epoll"])
+    assert "server_cpu_vs_tokio" not in alone.summary[c10]["epoll"]
+
+
 def test_the_report_keeps_every_figure_as_csv_and_the_histograms_as_a_log(tmp_path: Path) -> None:
     ping = load.pingpong(duration=0.2)
     w = Workload("rtt")
@@ -265,7 +288,7 @@ def _connlab(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[st
 
 TINY = [
     "--repetitions", "2", "--duration", "0.3", "--warmup", "0.1", "--connections", "1,10",
-    "--idle-steps", "0,50", "--churn", "20x5", "--rate", "2000",
+    "--idle-steps", "0,50", "--churn", "20x5", "--rate", "2000", "--syscall-frames", "300",
 ]  # fmt: skip
 
 
@@ -292,6 +315,11 @@ def test_bench_loads_a_running_server_given_as_target(tmp_path: Path) -> None:
     assert (tmp_path / "latency.hlog").read_text().count("/mine/rep") >= 10
     # No target about a backend that was not measured (tokio, poll...) is listed.
     assert all("tokio" not in t["label"] for t in results["targets"])
+    # Its syscalls are counted as a backend's are, given its pid.
+    rows = {r["server"]: r["status"] for r in results["bench"]["syscalls"]}
+    assert rows == dict.fromkeys(
+        ("epoll", "mine"), "counted" if shutil.which("strace") else "strace not installed"
+    )
 
 
 def test_bench_starts_a_server_command_each_repetition_and_gates_on_regressions(tmp_path: Path) -> None:

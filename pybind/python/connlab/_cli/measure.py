@@ -40,13 +40,15 @@ from connlab._cli.options import (
     repetitions,
     scenario_ids,
     seconds,
+    syscall_frames,
     threads,
 )
-from connlab._measure import baseline, report, story, targets
+from connlab._measure import baseline, report, story, syscalls, targets
 from connlab._measure.bench import Bench, BenchConfig, External, default_workloads, machine, run_bench
 from connlab._measure.soak import Sample, SoakConfig, run_soak
 from connlab._native import BACKENDS
 from connlab.matrix import report as matrix_report
+from connlab.matrix.core import backend_unavailable
 
 T = TypeVar("T")
 
@@ -176,6 +178,25 @@ def _bench_options(p: argparse.ArgumentParser, *, own_servers: bool) -> None:
         metavar="N",
         help="load generator threads (default: 1, or 2 from 512 connections)",
     )
+    g = p.add_argument_group(
+        "syscalls per frame",
+        "After the timed runs, untimed: each server under `strace -f -c -p PID` while one connection"
+        f" echoes {syscalls.SIZE} B frames in a closed loop, its syscalls over the frames answered."
+        " Needs strace (the report says where it is not installed)"
+        + (", and --pid for a --target." if own_servers else "."),
+    )
+    g.add_argument(
+        "--no-syscalls",
+        action="store_true",
+        help="skip the syscall phase",
+    )
+    g.add_argument(
+        "--syscall-frames",
+        type=syscall_frames,
+        default=syscalls.FRAMES,
+        metavar="N",
+        help=f"about how many frames to count per server (default: {syscalls.FRAMES})",
+    )
     g = p.add_argument_group("results")
     g.add_argument(
         "--reports",
@@ -236,7 +257,10 @@ def _externals(args: argparse.Namespace) -> list[External]:
 
 def _bench_config(args: argparse.Namespace) -> BenchConfig:
     externals = _externals(args)
-    backends = args.backends if args.backends is not None else ([] if externals else list(BACKENDS))
+    asked = args.backends if args.backends is not None else ([] if externals else list(BACKENDS))
+    # A backend this machine cannot run is left out, and the report says why.
+    skipped = {b: why for b in asked if (why := backend_unavailable(b))}
+    backends = [b for b in asked if b not in skipped]
     workloads = default_workloads(
         args.connections,
         rate=args.rate,
@@ -245,7 +269,16 @@ def _bench_config(args: argparse.Namespace) -> BenchConfig:
         size=args.size,
         pipeline=args.pipeline,
     )
-    return _config(BenchConfig, args, workloads=workloads, backends=backends, externals=externals)
+    frames = 0 if args.no_syscalls else args.syscall_frames
+    return _config(
+        BenchConfig,
+        args,
+        workloads=workloads,
+        backends=backends,
+        externals=externals,
+        syscall_frames=frames,
+        skipped=skipped,
+    )
 
 
 def _progress(console: Console, total: int) -> tuple[Progress, Callable[[str], None]]:
@@ -286,13 +319,16 @@ def targets_table(evaluated: list[dict[str, Any]]) -> Table:
 
 def _bench(console: Console, cfg: BenchConfig) -> tuple[Bench, list[dict[str, Any]]]:
     """Runs the benchmark under a progress bar, prints its tables; returns it and its targets."""
+    for why in cfg.skipped.values():
+        console.print(f"skipped: {why}", markup=False, highlight=False)
     loads = len(cfg.workloads) + (sum(w.kind != "idle" for w in cfg.workloads) if cfg.proxy else 0)
-    progress, step = _progress(console, cfg.repetitions * (1 + len(cfg.servers) * loads))
+    phase = len(cfg.servers) if cfg.syscall_frames else 0
+    progress, step = _progress(console, cfg.repetitions * (1 + len(cfg.servers) * loads) + phase)
     with progress:
         bench = run_bench(cfg, step)
     proxied = cfg.servers if cfg.proxy else []
     chosen = targets.applicable(targets.default_targets(cfg.workers, proxied), cfg.labels, cfg.workloads)
-    evaluated = targets.evaluate(chosen, bench.summary, bench.pingpong)
+    evaluated = targets.evaluate(chosen, bench.summary, bench.pingpong, pinned=bench.pinning != "none")
     console.print(summary_table(bench))
     if evaluated:
         console.print(targets_table(evaluated))
@@ -377,11 +413,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     --connections), 16 KiB frames at 10 connections, an open loop at a fixed --rate (latency from
     intended send times), churn, the one-connection round trip against a raw loopback ping-pong, and
     idle memory per connection. Servers are interleaved within each repetition; figures are medians
-    with min-max, and one whose spread exceeds 25 % is marked unstable. Prints the table and the
-    targets (ratios between backends measured in the same run; unsettled when unstable figures decide
-    them), and writes a report directory as `compare` does, with every figure as CSV and the latency
-    histograms as an HdrHistogram log. Exit status: 0; 1 with --fail-on-missed when a target is missed
-    or a figure regressed against --baseline; 2 on bad usage or an unreachable target."""
+    with min-max, and one whose spread exceeds 25 % is marked unstable. After the timed runs, each
+    server's syscalls per echoed frame are counted under strace (--no-syscalls skips it). Prints the
+    table and the targets (ratios between backends measured in the same run; unsettled when unstable
+    figures decide them), and writes a report directory as `compare` does, with every figure as CSV
+    and the latency histograms as an HdrHistogram log. Exit status: 0; 1 with --fail-on-missed when a
+    target is missed or a figure regressed against --baseline; 2 on bad usage or an unreachable
+    target."""
     console = Console(soft_wrap=True)
     started = _start(args, "bench")
     if started is None:

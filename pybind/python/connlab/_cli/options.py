@@ -57,6 +57,8 @@ repetitions = number(int, positive=True, most=1000)
 fraction = number(float, positive=True, most=1)
 #: An open loop's rate, frames/s: above what one machine's loopback carries.
 rate = number(int, positive=True, most=10_000_000, why=" frames/s (more than a loopback carries)")
+#: Frames of the syscall phase per server: at most a million (minutes under strace).
+syscall_frames = number(int, positive=True, most=1_000_000, why=" frames (slow under strace)")
 
 
 def local_ports() -> int:

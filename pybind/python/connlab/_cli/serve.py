@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 from connlab._cli.options import add_server_options, non_negative_float, server_kwargs
-from connlab._native import BACKENDS, Server
+from connlab._native import BACKENDS, BackendUnavailable, Server
 
 
 def _emit(event: dict[str, object]) -> None:
@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     handoff = {"control": args.control, "take_over": args.take_over, "handoff_grace": args.grace}
     try:
         server = Server(args.backend, **server_kwargs(args), **handoff)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, BackendUnavailable) as err:
         print(f"connlab serve: {err}", file=sys.stderr)
         return 2
     host, port = server.address

@@ -1,7 +1,8 @@
 """`connlab bench`: every backend in its own `connlab serve` child, loaded by the Rust generator.
 
 Backends are interleaved within each repetition (A B C D E, A B C D E, ...) so drift on a
-shared machine hits all alike; each figure is reported as the median with min-max."""
+shared machine hits all alike; each figure is reported as the median with min-max. A last phase,
+untimed, counts each server's syscalls per echoed frame under strace (`syscalls`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import psutil
 
 from connlab import load, probe
-from connlab._measure import units
+from connlab._measure import syscalls, units
 from connlab._measure.footprint import measure_idle, pin, serve_child, slope
 from connlab.matrix.core import Options, command_handle
 from connlab.probe import raise_nofile
@@ -141,6 +142,10 @@ class BenchConfig:
     proxy: bool = False
     #: The user's own servers, measured beside the backends.
     externals: list[External] = field(default_factory=list)
+    #: Frames of the syscall phase per server (one connection under `strace -f -c`); 0 skips it.
+    syscall_frames: int = syscalls.FRAMES
+    #: Backends asked for that this machine cannot run (e.g. uring without io_uring), each with why.
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def servers(self) -> list[str]:
@@ -248,9 +253,12 @@ class Bench:
     conditions: dict[str, Any] = field(default_factory=dict)
     #: When the run began (seconds since the epoch): the base time of its histogram log.
     started: float = field(default_factory=time.time)
+    #: The syscall phase: a row per server ({server, status, ...}, see `syscalls.count`).
+    syscalls: list[dict[str, Any]] = field(default_factory=list)
     summary: Summary = field(init=False)
 
     def __post_init__(self) -> None:
+        relative_cpu(self.runs, self.config)
         self.summary = summarize(self.runs, self.config)
 
     def to_json(self) -> dict[str, Any]:
@@ -264,6 +272,7 @@ class Bench:
             "pingpong": [_with_text_histogram(dict(p)) for p in self.pingpong],
             "runs": [{**asdict(r), "workload": r.workload.name} for r in self.runs],
             "summary": {w.name: cells for w, cells in self.summary.items()},
+            "syscalls": self.syscalls,
         }
 
 
@@ -443,8 +452,28 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None
         pinning += ", proxy unpinned"
     if gen_cpu is not None and any(e.address for e in cfg.externals):
         pinning += ", running targets unpinned"
+    # The conditions are those of the timed runs: the syscall phase after them is not timed.
     noise = conditions(before, Snapshot.now(), pingpong)
-    return Bench(cfg, machine(), pinning, pingpong, runs, noise, before.t)
+    counted = [count_syscalls(label, cfg, progress) for label in cfg.servers] if cfg.syscall_frames else []
+    return Bench(cfg, machine(), pinning, pingpong, runs, noise, before.t, counted)
+
+
+def count_syscalls(label: str, cfg: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The syscall phase for one server: a fresh server (a running target as it is, given its
+    pid), one connection of `syscall_frames` 64 B frames under `strace -f -c`; its row says why
+    not where strace is missing or the pid unknown. Unpinned: only counts are read here."""
+    frames = units.grouped(cfg.syscall_frames)
+    progress(f"syscalls: {label}, one connection, {frames} frames of {syscalls.SIZE} B under strace -f -c")
+    external = next((e for e in cfg.externals if e.label == label), None)
+    if external is not None and external.address is not None and external.pid is None:
+        return {"server": label, "status": syscalls.NO_PID}
+    if syscalls.strace_path() is None:
+        return {"server": label, "status": syscalls.NOT_INSTALLED}
+    try:
+        with _started(label, cfg, None) as server:
+            return {"server": label, **syscalls.count(server.address, server.pid, frames=cfg.syscall_frames)}
+    except (OSError, RuntimeError) as err:  # a server that does not start again: the run is kept
+        return {"server": label, "status": f"not counted: {err}"}
 
 
 @contextmanager
@@ -493,6 +522,7 @@ FIGURES: dict[str, bool] = {
     "server_rss_bytes": False,
     "server_cpu_pct": False,
     "server_cpu_us_per_frame": False,
+    "server_cpu_vs_tokio": False,
     "proxy_cpu_pct": False,
 }
 
@@ -502,13 +532,34 @@ def shown(w: Workload) -> list[str]:
     achieved, its latency, and what the server paid for it."""
     if w.kind == "closed":
         rate = "mb_per_s" if w.size >= 1024 else "frames_per_s"  # large frames: bytes are the point
-        return [rate, "p50_us", "p99_us", "server_cpu_us_per_frame", "server_threads"]
+        return [rate, "p50_us", "p99_us", "server_cpu_us_per_frame", "server_cpu_vs_tokio", "server_threads"]
     return {
-        "open": ["p50_us", "p99_us", "max_us", "server_cpu_us_per_frame"],
+        "open": ["p50_us", "p99_us", "max_us", "server_cpu_us_per_frame", "server_cpu_vs_tokio"],
         "churn": ["conns_per_s"],
         "rtt": ["p50_us", "p99_us"],
         "idle": ["rss_per_conn_bytes"],
     }[w.kind]
+
+
+#: The backend every server's CPU per frame is read against (`server_cpu_vs_tokio`).
+CPU_REFERENCE = "tokio"
+
+
+def relative_cpu(runs: list[Run], cfg: BenchConfig) -> None:
+    """Adds `server_cpu_vs_tokio` to each run with a CPU per frame: its ratio to tokio's in the
+    same workload and repetition (interleaved, so drift of the machine hits both alike; through
+    the proxy, to tokio's through the proxy). Nothing without tokio in the run."""
+    through = {proxied(s) for s in cfg.servers} if cfg.proxy else set()
+    cpu = {
+        (r.workload, r.rep, r.backend): v
+        for r in runs
+        if (v := figure(r.metrics, "server_cpu_us_per_frame")) is not None
+    }
+    for r in runs:
+        reference = proxied(CPU_REFERENCE) if r.backend in through else CPU_REFERENCE
+        mine, theirs = cpu.get((r.workload, r.rep, r.backend)), cpu.get((r.workload, r.rep, reference))
+        if mine is not None and theirs:
+            r.metrics["server_cpu_vs_tokio"] = mine / theirs
 
 
 def summarize(runs: list[Run], cfg: BenchConfig) -> Summary:

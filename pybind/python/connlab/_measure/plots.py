@@ -1,5 +1,6 @@
-"""The report's PNG plots: the closed loop against the connection count, the open loop's percentile
-spectrum, the one-connection round trip against the loopback floor, and bars for the rest.
+"""The report's PNG plots: the closed loop against the connection count (server CPU per frame also
+as a ratio to tokio's), the open loop's percentile spectrum, the one-connection round trip against
+the loopback floor, and bars for the rest.
 
 Every point is a median with its min-max as error bars; a figure whose spread exceeds
 `UNSTABLE_SPREAD` is drawn hollow (markers) or hatched (bars). Each label keeps its colour, marker
@@ -132,6 +133,11 @@ def _plots(bench: Bench) -> list[tuple[str, Title, _Draw]]:
             "cpu_per_frame.png",
             ("Server CPU per frame vs connections", loop),
             line("server_cpu_us_per_frame", "server CPU time per frame", units.duration_us, None),
+        ),
+        (
+            "cpu_vs_tokio.png",
+            ("Server CPU per frame relative to tokio's vs connections", loop),
+            line("server_cpu_vs_tokio", "server CPU per frame / tokio's", units.ratio, None),
         ),
         ("mb_per_s.png", ("Bandwidth", shows(large)), bars(large, "mb_per_s", "MB/s", units.significant)),
         *(

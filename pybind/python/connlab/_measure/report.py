@@ -15,7 +15,7 @@ from typing import Any
 from markdown_it import MarkdownIt
 
 from connlab import load
-from connlab._measure import baseline, plots, story, targets, units
+from connlab._measure import baseline, plots, story, syscalls, targets, units
 from connlab._measure.bench import FIGURES, UNSTABLE_SPREAD, Bench, figure, shown
 from connlab.matrix.core import SCENARIOS, order_key
 from connlab.matrix.report import LABEL
@@ -51,6 +51,39 @@ def comparison_rows(bench: Bench) -> tuple[list[str], list[list[str]]]:
                 rows.append([w.label if first else "", title, *cells])
                 first = False
     return header, rows
+
+
+#: The syscall phase's rows in the CSV files: its "workload" and what it was.
+SYSCALLS = "syscalls"
+SYSCALLS_LABEL = f"strace -f -c: one connection, {syscalls.SIZE} B frames, closed loop"
+
+
+def syscall_rows(bench: Bench) -> tuple[list[str], list[list[str]]]:
+    """The syscall phase as a table: per server, its syscalls per echoed frame, the frames
+    counted and the syscalls that matter per frame; or why it was not counted."""
+    rows = []
+    for row in bench.syscalls:
+        if row.get("status") == syscalls.COUNTED:
+            main = ", ".join(f"{name} {syscalls.per_frame(x)}" for name, x in syscalls.main_syscalls(row))
+            total = syscalls.per_frame(row["per_frame"])
+            rows.append([row["server"], total, units.grouped(row["frames"]), main])
+        else:
+            rows.append([row["server"], "-", "-", str(row.get("status"))])
+    return ["server", "syscalls/frame", "frames", "main syscalls (calls per frame)"], rows
+
+
+def syscall_figures(bench: Bench) -> list[tuple[str, str, float]]:
+    """(server, figure, value) of every counted row: `syscalls_per_frame`, and
+    `syscalls_per_frame:<name>` for each syscall."""
+    out = []
+    for row in bench.syscalls:
+        if row.get("status") == syscalls.COUNTED:
+            out.append((row["server"], "syscalls_per_frame", row["per_frame"]))
+            out += [
+                (row["server"], f"syscalls_per_frame:{name}", s["per_frame"])
+                for name, s in row["syscalls"].items()
+            ]
+    return out
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -133,6 +166,8 @@ def write_csv(out: Path, bench: Bench) -> list[Path]:
                     w.writerow([r.workload.name, r.workload.label, r.backend, r.rep + 1, name, v])
         for rep, p in enumerate(bench.pingpong):
             w.writerow(["pingpong", "raw loopback ping-pong", "", rep + 1, "p50_us", p["latency_us"]["p50"]])
+        for server, name, value in syscall_figures(bench):
+            w.writerow([SYSCALLS, SYSCALLS_LABEL, server, 1, name, value])
     with summary_path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
@@ -167,6 +202,9 @@ def write_csv(out: Path, bench: Bench) -> list[Path]:
                                 c["n"],
                             ]
                         )
+        # Counted once: no spread to tell.
+        for server, name, value in syscall_figures(bench):
+            w.writerow([SYSCALLS, SYSCALLS_LABEL, server, name, value, value, value, 0.0, False, 1])
     return [runs_path, summary_path]
 
 
@@ -210,8 +248,11 @@ def _intro(results: dict[str, Any], bench: Bench | None) -> str:
             f" min-max spread exceeds {units.percent(UNSTABLE_SPREAD)} of its median (unstable)."
             " Each backend ran in its own `connlab serve` process; its thread count is that"
             " process's, the Python main thread included. Server CPU per frame is the server"
-            " process's CPU time over the measured window divided by the frames answered in it."
+            " process's CPU time over the measured window divided by the frames answered in it;"
+            " against tokio, its ratio to tokio's in the same workload and repetition."
         )
+        for why in bench.config.skipped.values():
+            text += f" Skipped: {why}."
     return text
 
 
@@ -262,6 +303,9 @@ def write(
         md += [_md_table(header, rows), ""]
     if bench:
         md += ["## Comparison", "", _md_table(*comparison_rows(bench)), ""]
+        if bench.syscalls:
+            md += ["## Syscalls per echoed frame", "", _syscalls_intro(bench), ""]
+            md += [_md_table(*syscall_rows(bench)), ""]
         evaluated = results.get("targets", [])
         if evaluated:
             md += ["## Targets (ratios measured in this run)", ""]
@@ -289,6 +333,18 @@ def write(
     written.md.write_text(text)
     written.html.write_text(_html(text))
     return written
+
+
+def _syscalls_intro(bench: Bench) -> str:
+    frames = units.grouped(bench.config.syscall_frames)
+    return (
+        f"Counted by `strace -f -c` attached to each server (every thread) while one connection ran"
+        f" a closed loop of about {frames} {syscalls.SIZE} B frames, in a phase after the timed runs:"
+        " the count over the frames answered. A traced server is slowed at every syscall, so nothing"
+        " here is timed, and calls that depend on timing (futex, sched_yield: waits and spins"
+        " between threads) may differ from an untraced run. Syscalls from"
+        f" {syscalls.MAIN_PER_FRAME} per frame on are listed."
+    )
 
 
 def _bold_status(rows: list[list[str]]) -> list[list[str]]:

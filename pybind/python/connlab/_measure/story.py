@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from connlab._measure import units
+from connlab._measure import syscalls, units
 from connlab._measure.bench import FIGURES, UNSTABLE_SPREAD, Bench, Workload, cell, proxied
 from connlab._measure.footprint import slope
 
@@ -226,6 +226,27 @@ def proxy_cost(bench: Bench) -> list[str]:
     ]
 
 
+def syscall_counts(bench: Bench) -> list[str]:
+    """The syscall phase in one paragraph: each server's syscalls per echoed frame and the main
+    ones, fewest first; then the servers not counted and why."""
+    if not bench.syscalls:
+        return []
+    counted = sorted(
+        (r for r in bench.syscalls if r.get("status") == syscalls.COUNTED), key=lambda r: r["per_frame"]
+    )
+    others = [r for r in bench.syscalls if r.get("status") != syscalls.COUNTED]
+    parts = [f"{r['server']} {syscalls.describe(r)}" for r in counted]
+    line = (
+        f"Syscalls per echoed frame (`strace -f -c`, one connection, {syscalls.SIZE} B frames,"
+        f" untimed): {'; '.join(parts)}."
+        if parts
+        else "Syscalls per echoed frame: none counted."
+    )
+    if others:
+        line += " Not counted: " + "; ".join(f"{r['server']} ({r.get('status')})" for r in others) + "."
+    return [line]
+
+
 def noise(bench: Bench) -> str:
     """One sentence on how quiet the machine was, from the run's own records."""
     c = bench.conditions
@@ -272,7 +293,7 @@ def noise(bench: Bench) -> str:
 
 def story(bench: Bench, evaluated: list[dict[str, Any]]) -> list[str]:
     """The summary, as markdown paragraphs and bullets: the noise, the leads, the trade-offs, the
-    proxy's cost, and the targets' tally."""
+    proxy's cost, the syscalls per frame, and the targets' tally."""
     out = [noise(bench)]
     lines = leads(bench)
     if lines:
@@ -283,6 +304,7 @@ def story(bench: Bench, evaluated: list[dict[str, Any]]) -> list[str]:
         out.append("Each server's trade-off:")
         out += [f"- {line}" for line in lines]
     out += proxy_cost(bench)
+    out += syscall_counts(bench)
     if evaluated:
         tally: dict[str, int] = {}
         for t in evaluated:

@@ -75,6 +75,7 @@ FIGURES: dict[str, tuple[str, Callable[[float], str]]] = {
     "p99_us": ("p99", duration_us),
     "max_us": ("max", duration_us),
     "server_cpu_us_per_frame": ("server CPU per frame", duration_us),
+    "server_cpu_vs_tokio": ("server CPU per frame vs tokio", ratio),
     "server_threads": ("threads", grouped),
     "rss_per_conn_bytes": ("memory per connection", size),
     "proxy_cpu_pct": ("proxy CPU %", lambda v: f"{v:.0f}"),
