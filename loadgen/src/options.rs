@@ -304,12 +304,21 @@ pub struct PingPong {
     pub duration: Duration,
     /// Time before the window, not counted.
     pub warmup: Duration,
+    /// The CPU the echo thread runs on (a pinned benchmark's server CPU, so
+    /// the floor pays the same cross-CPU wake-ups a server does); `None`:
+    /// wherever the caller's threads may run.
+    pub echo_cpu: Option<usize>,
 }
 
 impl Default for PingPong {
-    /// 64-byte frames, 0.1 s warm-up, 1 s window.
+    /// 64-byte frames, 0.1 s warm-up, 1 s window, the echo unpinned.
     fn default() -> Self {
-        PingPong { size: 64, duration: Duration::from_secs(1), warmup: Duration::from_millis(100) }
+        PingPong {
+            size: 64,
+            duration: Duration::from_secs(1),
+            warmup: Duration::from_millis(100),
+            echo_cpu: None,
+        }
     }
 }
 
@@ -324,7 +333,7 @@ impl PingPong {
         in_range("size", self.size, 0, MAX_SIZE)?;
         positive("duration", self.duration)?;
         at_most_a_day("warmup", self.warmup)?;
-        pingpong::run(self.size, self.duration, self.warmup)
+        pingpong::run(self.size, self.duration, self.warmup, self.echo_cpu)
     }
 }
 

@@ -22,18 +22,35 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Round trips for `warmup + duration` by the closed-loop client, one frame
 /// at a time on one connection; those that end inside `duration` after the
-/// warm-up count.
-pub(crate) fn run(size: usize, duration: Duration, warmup: Duration) -> Result<Report, Error> {
+/// warm-up count. The echo runs on `echo_cpu` if given.
+pub(crate) fn run(
+    size: usize,
+    duration: Duration,
+    warmup: Duration,
+    echo_cpu: Option<usize>,
+) -> Result<Report, Error> {
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(setup_error("binding a loopback listener"))?;
     let address = listener.local_addr().map_err(setup_error("reading the listener's address"))?;
     let done = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let (listener, done) = (&listener, &done);
+        let (pinned, pinning) = std::sync::mpsc::sync_channel(1);
         let echo = std::thread::Builder::new()
             .name("loadgen-echo".into())
-            .spawn_scoped(scope, move || serve(listener, done))
+            .spawn_scoped(scope, move || {
+                let result = echo_cpu.map_or(Ok(()), crate::sys::pin_current);
+                let failed = result.is_err();
+                let _ = pinned.send(result);
+                if !failed {
+                    serve(listener, done);
+                }
+            })
             .map_err(setup_error("spawning the echo thread"))?;
+        if let Ok(Err(err)) = pinning.recv() {
+            let _ = echo.join();
+            return Err(setup_error("pinning the echo thread")(err));
+        }
         let job = ClosedLoop {
             connections: 1,
             size,

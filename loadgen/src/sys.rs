@@ -1,6 +1,7 @@
-//! The one syscall family mio does not wrap: a timerfd, so a worker's
-//! `epoll_wait` wakes with sub-millisecond precision (its own timeout is
-//! whole milliseconds, too coarse for an open loop at thousands of frames/s).
+//! The syscalls mio does not wrap: a timerfd, so a worker's `epoll_wait`
+//! wakes with sub-millisecond precision (its own timeout is whole
+//! milliseconds, too coarse for an open loop at thousands of frames/s), and
+//! pinning a thread to a CPU.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -76,6 +77,20 @@ impl Timer {
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+}
+
+/// Runs the calling thread on `cpu` only.
+pub(crate) fn pin_current(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("no CPU {cpu}")));
+    }
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked), inside the set.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // `set` is a cpu_set_t of the size given and outlives the call; pid 0 is this thread.
+    syscall!(sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -273,4 +273,11 @@ fn pingpong_measures_a_loopback_round_trip() {
     let l = r.latency();
     assert!(l.p50 > 0.0 && l.p50 < 1_000.0, "{l:?}");
     assert_sane(&r);
+    // The echo pinned to CPU 0 (a pinned benchmark's server CPU) still echoes; a CPU that
+    // does not exist is a setup error naming the pinning.
+    let pinned = PingPong { duration: ms(100), warmup: ms(10), echo_cpu: Some(0), ..PingPong::default() };
+    let r = pinned.run().unwrap();
+    assert!(r.errors.total() == 0 && r.frames > 50, "{r:?}");
+    let err = PingPong { echo_cpu: Some(1 << 20), ..pinned }.run().unwrap_err();
+    assert!(err.to_string().contains("pinning the echo thread"), "{err}");
 }

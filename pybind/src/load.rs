@@ -168,17 +168,19 @@ fn load_churn<'py>(
 
 /// The loopback ping-pong baseline (see `connlab.load.pingpong`).
 #[pyfunction]
-#[pyo3(signature = (size = 64, duration = 1.0, warmup = 0.1))]
+#[pyo3(signature = (size = 64, duration = 1.0, warmup = 0.1, echo_cpu = None))]
 fn load_pingpong<'py>(
     py: Python<'py>,
     size: i64,
     duration: f64,
     warmup: f64,
+    echo_cpu: Option<i64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let job = PingPong {
         size: count("size", size)?,
         duration: seconds("duration", duration).map_err(NativeError)?,
         warmup: seconds("warmup", warmup).map_err(NativeError)?,
+        echo_cpu: echo_cpu.map(|cpu| count("echo_cpu", cpu)).transpose()?,
     };
     run(py, move || job.run())
 }

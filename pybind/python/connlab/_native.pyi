@@ -129,7 +129,9 @@ def load_churn(
     timeout: float = 2.0,
     deadline: float = 60.0,
 ) -> LoadResult: ...
-def load_pingpong(size: int = 64, duration: float = 1.0, warmup: float = 0.1) -> LoadResult: ...
+def load_pingpong(
+    size: int = 64, duration: float = 1.0, warmup: float = 0.1, echo_cpu: int | None = None
+) -> LoadResult: ...
 
 # HdrHistogram operations on LoadResult["histogram"] bytes (public in connlab.load, which takes
 # base64 text too). Values are nanoseconds; errors are ValueError naming the argument.

@@ -187,14 +187,18 @@ def churn(
     return cast(Result, raw)
 
 
-def pingpong(size: int = 64, *, duration: float = 1.0, warmup: float = 0.1) -> Result:
+def pingpong(
+    size: int = 64, *, duration: float = 1.0, warmup: float = 0.1, echo_cpu: int | None = None
+) -> Result:
     """The raw loopback round trip, no connlab server: the generator's own closed-loop client (the
     one that measures a backend's round trip) on one connection to a minimal echo thread of the
     generator (blocking reads, one write per frame), one frame at a time. Its p50 is what the kernel,
     the client and two wake-ups cost: the floor to read a backend's one-connection p50 against, so
-    the ratio is the server's overhead alone.
+    the ratio is the server's overhead alone. `echo_cpu` pins the echo thread to that CPU: in a
+    pinned benchmark, the server's, so the floor pays the cross-CPU wake-ups a server pays (the
+    client and the echo on one CPU measured a floor four times lower than any server's p50).
     """
-    return cast(Result, _native.load_pingpong(size, duration, warmup))
+    return cast(Result, _native.load_pingpong(size, duration, warmup, echo_cpu))
 
 
 def histogram_base64(result: Result) -> str:

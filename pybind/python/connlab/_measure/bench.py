@@ -429,7 +429,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None
     try:
         for rep in range(cfg.repetitions):
             progress(f"rep {rep + 1}/{cfg.repetitions}: raw loopback ping-pong")
-            pingpong.append(load.pingpong(size=64, duration=min(cfg.duration, 1.0)))
+            pingpong.append(load.pingpong(size=64, duration=min(cfg.duration, 1.0), echo_cpu=server_cpu))
             for label in cfg.servers:
                 with _started(label, cfg, server_cpu) as server, ExitStack() as stack:
                     front = (
@@ -447,7 +447,11 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None
     finally:
         if gen_cpu is not None:
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    pinning = f"server on CPU {server_cpu}, generator on CPU {gen_cpu}" if gen_cpu is not None else "none"
+    pinning = (
+        f"server on CPU {server_cpu} (and the ping-pong floor's echo), generator on CPU {gen_cpu}"
+        if gen_cpu is not None
+        else "none"
+    )
     if gen_cpu is not None and cfg.proxy:
         pinning += ", proxy unpinned"
     if gen_cpu is not None and any(e.address for e in cfg.externals):
