@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.deps-stamp
 # maturin develop installs the package's dependencies through pip: keep that quiet.
 export PIP_QUIET := 1
 
-.PHONY: help setup build lint fmt rust-test py-test test compare clean
+.PHONY: help setup build lint fmt rust-test py-test test compare proptest-long clean
 
 help:
 	@echo "make test     set up, then fmt check, clippy and rustdoc -D warnings, cargo test, ruff, pytest"
@@ -18,6 +18,7 @@ help:
 	@echo "make build    build the native module into .venv (release)"
 	@echo "make lint     cargo fmt --check, clippy -D warnings, rustdoc -D warnings, ruff"
 	@echo "make fmt      format Rust and Python sources"
+	@echo "make proptest-long  the core against its reference model, a million random cases (release, minutes)"
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 needed"; exit 1; }
@@ -55,6 +56,11 @@ py-test: build
 	$(BIN)/pytest
 
 test: lint rust-test py-test
+
+# The property tests of the core at length: `make test` runs 3 000 cases of each.
+PROPTEST_CASES ?= 1000000
+proptest-long:
+	CONNLAB_PROPTEST_CASES=$(PROPTEST_CASES) cargo test --release --locked -p connlab-servers --test props
 
 compare: build
 	$(BIN)/connlab compare

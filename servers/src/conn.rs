@@ -506,9 +506,7 @@ impl Conn {
         } else if self.out_pos >= COMPACT_AFTER && self.out_pos * 4 >= self.out.len() - self.out_pos {
             // A peer that reads steadily but never empties the queue would
             // otherwise grow the buffer by everything ever written through it.
-            self.out.drain(..self.out_pos);
-            self.head_end -= self.out_pos;
-            self.out_pos = 0;
+            self.drop_written();
         }
         if self.paused && (self.out.len() - self.out_pos) * 2 < self.limits.max_pending_output {
             self.paused = false;
@@ -629,6 +627,7 @@ impl Conn {
                     } else {
                         if self.partial.is_empty() {
                             let len = u32::from_be_bytes(self.decoder.header()) as usize;
+                            self.fit_out_beside(HEADER_LEN + len);
                             self.partial.reserve_exact(HEADER_LEN + len);
                             self.partial.extend_from_slice(&self.decoder.header());
                         }
@@ -685,16 +684,38 @@ impl Conn {
         if self.out.len() + more <= self.out.capacity() {
             return;
         }
+        self.drop_written();
+        let need = self.out.len() + more;
+        if need > self.out.capacity() {
+            let target = (self.out.capacity() * 2).min(self.most_buffered()).max(need);
+            self.out.reserve_exact(target - self.out.len());
+        }
+    }
+
+    /// The most a connection buffers: `max_pending_output` queued plus one
+    /// whole frame (its answer, or the frame being gathered), DESIGN.md §3.
+    fn most_buffered(&self) -> usize {
+        self.limits.max_pending_output + self.limits.max_frame as usize + HEADER_LEN
+    }
+
+    /// Before a frame of `len` bytes (header included) is gathered beside the
+    /// queue: the queue's spare capacity, left from when it held more, gives
+    /// way so that both stay within [`Conn::most_buffered`]. Not paused, the
+    /// queue holds at most `max_pending_output`, so it always fits.
+    fn fit_out_beside(&mut self, len: usize) {
+        let most = self.most_buffered();
+        if self.out.capacity() + len > most {
+            self.drop_written();
+            self.out.shrink_to(most - len);
+        }
+    }
+
+    /// Drops the written front of the output queue.
+    fn drop_written(&mut self) {
         if self.out_pos > 0 {
             self.out.drain(..self.out_pos);
             self.head_end -= self.out_pos;
             self.out_pos = 0;
-        }
-        let need = self.out.len() + more;
-        if need > self.out.capacity() {
-            let most = self.limits.max_pending_output + self.limits.max_frame as usize + HEADER_LEN;
-            let target = (self.out.capacity() * 2).min(most).max(need);
-            self.out.reserve_exact(target - self.out.len());
         }
     }
 

@@ -8,55 +8,14 @@ use std::time::{Duration, Instant};
 
 use connlab_servers::codec::{encode, header};
 use connlab_servers::conn::State::{Closing, Connecting, ReadingBody, ReadingHeader, Writing};
-use connlab_servers::conn::{Action, CloseReason, Conn, Limits, Observer, State, LINGER};
+use connlab_servers::conn::{Action, CloseReason, Conn, Limits, State, LINGER};
+
+mod util;
+use util::rec::{Rec, Tr};
 
 // ---------------------------------------------------------------------------
 // Shared helpers: the recording observer, the fake clock, frame builders.
 // ---------------------------------------------------------------------------
-
-/// One journal entry as the observer saw it: (from, to, reason).
-type Tr = (Option<State>, State, Option<CloseReason>);
-
-/// An observer that records every call.
-#[derive(Debug, Default)]
-struct Rec {
-    /// Every transition, in order.
-    journal: Vec<Tr>,
-    /// The instant each transition of `journal` was reported at.
-    journal_at: Vec<Instant>,
-    /// Sum of `bytes_in`.
-    bytes_in: usize,
-    /// Sum of `bytes_out`.
-    bytes_out: usize,
-    /// Count of `frame_in`.
-    frames_in: u64,
-    /// Sum of `frames_out`.
-    frames_out: u64,
-    /// Count of `truncated`.
-    truncated: u64,
-}
-
-impl Observer for Rec {
-    fn transition(&mut self, from: Option<State>, to: State, reason: Option<CloseReason>, now: Instant) {
-        self.journal.push((from, to, reason));
-        self.journal_at.push(now);
-    }
-    fn bytes_in(&mut self, n: usize, _: Instant) {
-        self.bytes_in += n;
-    }
-    fn bytes_out(&mut self, n: usize, _: Instant) {
-        self.bytes_out += n;
-    }
-    fn frame_in(&mut self) {
-        self.frames_in += 1;
-    }
-    fn frames_out(&mut self, n: u64) {
-        self.frames_out += n;
-    }
-    fn truncated(&mut self) {
-        self.truncated += 1;
-    }
-}
 
 /// A transition between two open states.
 fn tr(from: State, to: State) -> Tr {

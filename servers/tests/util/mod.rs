@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod rec;
+
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
