@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.deps-stamp
 # maturin develop installs the package's dependencies through pip: keep that quiet.
 export PIP_QUIET := 1
 
-.PHONY: help setup build lint fmt rust-test py-test test compare proptest-long clean
+.PHONY: help setup build lint fmt rust-test py-test test compare proptest-long stress clean
 
 help:
 	@echo "make test     set up, then fmt check, clippy and rustdoc -D warnings, cargo test, ruff, pytest"
@@ -19,6 +19,8 @@ help:
 	@echo "make lint     cargo fmt --check, clippy -D warnings, rustdoc -D warnings, ruff"
 	@echo "make fmt      format Rust and Python sources"
 	@echo "make proptest-long  the core against its reference model, a million random cases (release, minutes)"
+	@echo "make stress   opt-in, about two hours: 10 000 connections, every close under strace, 10-minute"
+	@echo "              soaks of 10 000 connections, the matrix 20 times; a verdict per step"
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 needed"; exit 1; }
@@ -64,6 +66,24 @@ proptest-long:
 
 compare: build
 	$(BIN)/connlab compare
+
+# Opt-in and long (about two hours), never part of `make test`. Every step runs even when one
+# before it failed; each ends with its verdict line, and the target fails if any step did.
+STRESS_STEPS = \
+	"$(BIN)/connlab stress connections" \
+	"$(BIN)/connlab stress closes" \
+	"$(BIN)/connlab soak --backend epoll --connections 10000 --duration 600 --sample-every 30 --max-error-rate 0.001" \
+	"$(BIN)/connlab soak --backend pool --connections 10000 --duration 600 --sample-every 30 --max-error-rate 0.001" \
+	"$(BIN)/connlab matrix --backends all --repeat 20 --quiet"
+stress: build
+	@failed=""; start=$$(date +%s); \
+	for step in $(STRESS_STEPS); do \
+		echo "== $$step"; \
+		$$step || failed="$$failed\n  $$step"; \
+	done; \
+	took=$$(( $$(date +%s) - start )); \
+	if [ -z "$$failed" ]; then echo "make stress: PASS, every step, in $$took s"; \
+	else printf "make stress: FAIL in $$took s:$$failed\n"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) target

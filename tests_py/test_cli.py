@@ -18,13 +18,12 @@ from connlab._cli import build_parser
 from connlab._cli.options import backend_list, output_dir, output_path
 from connlab._measure import report
 from connlab._measure.bench import Bench, BenchConfig, Run, Workload
-
-CONNLAB = [sys.executable, "-m", "connlab"]
+from run_cli import CONNLAB
 
 
 def test_help_lists_every_command() -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"serve", "proxy", "matrix", "bench", "compare", "soak", "handoff"}
+    assert set(sub.choices) == {"serve", "proxy", "matrix", "bench", "compare", "soak", "handoff", "stress"}
     run = subprocess.run([*CONNLAB, "--help"], capture_output=True, text=True, timeout=30, check=True)
     for command in sub.choices:
         assert f"\n    {command} " in run.stdout, command

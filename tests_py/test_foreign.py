@@ -23,9 +23,9 @@ import pytest
 from connlab.client import wait_until
 from connlab.matrix.core import free_port
 from connlab.process import ServeProcess, parse_address
+from run_cli import CONNLAB
 
 FOREIGN = Path(__file__).with_name("foreign_servers.py")
-CONNLAB = [sys.executable, "-m", "connlab"]
 #: What the framed foreign server implements: nothing but framing (no timeouts, no max frame).
 NO_CLAIMS: list[str] = []
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,7 @@ import pytest
 import connlab
 from connlab.client import connect, encode, read_frame, wait_until
 from connlab.process import ServeProcess, connlab_serve_argv
-
-CONNLAB = [sys.executable, "-m", "connlab"]
+from run_cli import CONNLAB
 
 
 def echoes(address: tuple[str, int], payload: bytes = b"hello") -> bool:

@@ -14,9 +14,9 @@ import pytest
 
 from connlab.matrix import report
 from connlab.matrix.core import Options, Result, Target, command_handle, repeated
+from run_cli import CONNLAB
 
 BROKEN = Path(__file__).with_name("broken_servers.py")
-CONNLAB = [sys.executable, "-m", "connlab"]
 
 
 def matrix(*args: str, timeout: float = 240) -> tuple[int, str]:
@@ -200,6 +200,15 @@ def test_a_failure_in_any_round_fails_the_scenario_and_the_baseline() -> None:
     assert t1.rounds_with("fail") == [2] and t1.detail == "round 2: late" and p2.detail == "why"
     worse, better = report.compare([h1, t1, p2], {("H1", "x"): "pass", ("T1", "x"): "pass"})
     assert worse == ["T1 on x: pass -> FAIL (round 2: late)"] and better == [], worse
+
+
+def test_quiet_prints_only_the_failing_rows_and_the_counts() -> None:
+    cmd = shlex.join([sys.executable, str(BROKEN), "no-half-close"])
+    code, text = matrix("--serve-cmd", cmd, "--name", "nhc", "--only", "H1,C1", "--repeat", "2", "--quiet")
+    assert code == 1, text
+    assert "C1  on nhc round 1/2  FAIL" in text and "C1  on nhc round 2/2  FAIL" in text, text
+    assert "H1  on nhc" not in text, "a passing row is not printed"
+    assert "round 1/2: 1 passed, 1 failed" in text and "(2 of 4 runs failed)" in text, text
 
 
 def test_repeat_must_be_a_positive_integer() -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -15,8 +13,8 @@ import pytest
 from connlab._cli import build_parser, measure
 from connlab._measure import report, targets
 from connlab._measure.bench import Workload, spread_of
+from run_cli import connlab
 
-CONNLAB = [sys.executable, "-m", "connlab"]
 TINY = [
     "--repetitions",
     "1",
@@ -35,10 +33,6 @@ TINY = [
     "--syscall-frames",
     "300",
 ]
-
-
-def connlab(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CONNLAB, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def test_bench_smoke_measures_every_workload_on_every_backend(tmp_path: Path) -> None:

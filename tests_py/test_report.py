@@ -11,7 +11,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ from connlab._measure.bench import (
     spread_of,
 )
 from connlab.process import ServeProcess, connlab_serve_argv
-
-CONNLAB = [sys.executable, "-m", "connlab"]
+from run_cli import CONNLAB
 
 
 def test_units_are_chosen_per_value() -> None:

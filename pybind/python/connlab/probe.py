@@ -524,9 +524,18 @@ def snapshot(pid: int | None = None) -> Snapshot:
 
 
 def raise_nofile(needed: int) -> None:
-    """Raises this process's RLIMIT_NOFILE soft limit to `needed` (children inherit it)."""
+    """Raises this process's RLIMIT_NOFILE soft limit to `needed` (children inherit it), and the
+    hard limit too where it is lower and the process may (CAP_SYS_RESOURCE, as root); OSError
+    saying so where it may not."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            raise OSError(f"RLIMIT_NOFILE hard limit {hard} is below the {needed} fds needed")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    if soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+        except (OSError, ValueError):
+            raise OSError(
+                f"RLIMIT_NOFILE hard limit {hard} is below the {needed} fds needed, and may not be raised"
+            ) from None
+        return
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))

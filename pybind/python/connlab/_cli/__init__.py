@@ -1,7 +1,7 @@
 """The `connlab` command line: the parser of every command, and how a stop signal ends one.
 
-Commands live in their modules: `serve`, `proxy`, `matrix`, `measure` (bench, compare, soak) and
-`handoff`;
+Commands live in their modules: `serve`, `proxy`, `matrix`, `measure` (bench, compare, soak),
+`handoff` and `stress`;
 `options` holds the argparse types and option groups they share."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 
-from connlab._cli import handoff, measure, proxy, serve
+from connlab._cli import handoff, measure, proxy, serve, stress
 from connlab._cli.matrix import add_matrix_parser, run_matrix
 
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_matrix_parser(sub, run_matrix)
     measure.add_parsers(sub)
     handoff.add_parser(sub)
+    stress.add_parser(sub)
     return parser
 
 

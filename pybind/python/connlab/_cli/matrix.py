@@ -124,6 +124,12 @@ def add_matrix_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> No
         "round failed, with each failed round's message; --baseline compares on failed in any round",
     )
     p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the rows that fail or warn (and each round's counts, the grid and the totals), "
+        "for long runs such as --repeat 20",
+    )
+    p.add_argument(
         "--json",
         type=output_path,
         metavar="FILE",
@@ -250,6 +256,9 @@ class Run:
         label = report.LABEL[result.status]
         detail = f": {result.detail}" if result.status in (FAIL, WARN) else ""
         width = len(str(self.total))
+        if self.args.quiet and result.status not in (FAIL, WARN):
+            self.write(mine, finished=False)
+            return
         self.console.print(
             f"[{self.done:>{width}}/{self.total}] {sc.id:<3} on {target.name}{where}  [{style}]{label}[/] "
             f"{result.seconds:.1f} s  (elapsed {_clock(elapsed)}, ~{_clock(left)} left){detail}"

@@ -482,7 +482,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     criteria: phantoms within the threshold at every sample after the ramp, errors under the rate, RSS
     and threads not trending up after the ramp (by slope), and a clean shutdown with 0 connections left
     on either side. Exits 0 on PASS, 1 on FAIL. RSS, threads and fds are of this process, which holds
-    both the server and the clients."""
+    the server; the clients run in a process of their own."""
     console = Console(soft_wrap=True)
     cfg = _config(SoakConfig, args)
     columns = (

@@ -22,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run one backend of the framed-echo protocol. Prints one JSON line {"event": "listening",
     "address": "HOST:PORT", ...} once the listener is up, serves until SIGINT or SIGTERM, then stops
     gracefully (answers in flight are delivered within --grace), prints {"event": "stopped",
-    "drained": N, "forced": N, ...} and exits 0.
+    "drained": N, "forced": N, "accepted": N, "rejected": N, "closed": N, ...} and exits 0.
 
     Handoff: with --control PATH a successor started with --take-over PATH takes the listening
     socket over (no connection refused or lost); this server then drains within --grace, prints
@@ -79,7 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _emit({"event": "stopped", "reason": "handoff", **report, **extra})
         return 0
     report = server.stop(args.grace)
-    _emit({"event": "stopped", "signal": signal.Signals(received).name, **report})
+    stats = server.stats()
+    counts = {k: stats[k] for k in ("accepted", "rejected", "closed")}
+    _emit({"event": "stopped", "signal": signal.Signals(received).name, **report, **counts})
     return 0
 
 

@@ -3,14 +3,14 @@ in a verdict: no phantoms, few errors, no growth of memory or threads, a clean s
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import selectors
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from connlab import probe
@@ -70,103 +70,161 @@ class Client:
     waiting: int = 0
 
 
-@dataclass
+#: What can go wrong with a client: its connect fails, it is reset, it meets an EOF, or an answer
+#: differs from its frame.
+ERROR_KINDS = ("connect", "reset", "eof", "corrupt")
+
+
 class Clients:
-    """The soak's client side, run by one thread with a selector."""
+    """The soak's client side, in a process of its own (spawned, not forked: the server's threads
+    live here), so its sockets count against neither this process's fds nor its RSS, CPU and
+    threads, which are then the server's (with Python's). Its counters are shared memory, written
+    by the client process only."""
 
-    cfg: SoakConfig
-    address: tuple[str, int]
-    stop: threading.Event = field(default_factory=threading.Event)
-    connected: int = 0
-    frames: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, cfg: SoakConfig, address: tuple[str, int]) -> None:
+        ctx = mp.get_context("spawn")
+        self.stop, self.ready = ctx.Event(), ctx.Event()
+        self._connected = ctx.Value("q", 0)
+        self._frames = ctx.Value("q", 0)
+        self._errors = ctx.Array("q", len(ERROR_KINDS))
+        self.process = ctx.Process(
+            target=_run_clients,
+            args=(cfg, address),
+            kwargs={
+                "stop": self.stop,
+                "ready": self.ready,
+                "connected": self._connected,
+                "frames": self._frames,
+                "errors": self._errors,
+            },
+            name="soak-clients",
+            daemon=True,
+        )
 
-    def error(self, kind: str) -> None:
-        with self.lock:
-            self.errors[kind] = self.errors.get(kind, 0) + 1
+    @property
+    def connected(self) -> int:
+        return int(self._connected.value)
 
-    def run(self) -> None:
-        cfg = self.cfg
-        sel = selectors.DefaultSelector()
-        clients: dict[socket.socket, Client] = {}
-        started = time.monotonic()
-        opened = 0
-        while not self.stop.is_set():
-            now = time.monotonic()
-            # Ramp: open connections at ramp_rate until all are open.
-            due = min(cfg.connections, int((now - started) * cfg.ramp_rate) + 1)
-            while opened < due:
-                opened += 1
-                try:
-                    sock = socket.create_connection(self.address, timeout=5)
-                except OSError:
-                    self.error("connect")
-                    continue
-                sock.setblocking(False)
-                payload = opened.to_bytes(4, "big") * (cfg.size // 4) + b"x" * (cfg.size % 4)
-                # Spread the sends of different connections over the interval.
-                c = Client(sock, now + (opened % 97) / 97 * cfg.interval, HEADER.pack(len(payload)) + payload)
-                clients[sock] = c
-                sel.register(sock, selectors.EVENT_READ)
-                with self.lock:
-                    self.connected += 1
-            for c in list(clients.values()):
-                if now >= c.next_send and c.waiting == 0:
-                    c.next_send += cfg.interval
-                    c.pending += c.payload
-                    c.waiting += 1
-                if c.pending:
-                    try:
-                        sent = c.sock.send(c.pending)
-                        c.pending = c.pending[sent:]
-                    except BlockingIOError:
-                        pass
-                    except OSError:
-                        self._drop(sel, clients, c, "reset")
-            next_due = min((c.next_send for c in clients.values()), default=now + 0.05)
-            timeout = max(0.0, min(next_due - time.monotonic(), 0.05))
-            for key, _ in sel.select(timeout):
-                c = clients.get(key.fileobj)  # type: ignore[arg-type]
-                if c is None:
-                    continue
-                try:
-                    data = c.sock.recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    self._drop(sel, clients, c, "reset")
-                    continue
-                if not data:
-                    self._drop(sel, clients, c, "eof")
-                    continue
-                c.inbuf += data
-                while len(c.inbuf) >= len(c.payload):
-                    answer, c.inbuf = c.inbuf[: len(c.payload)], c.inbuf[len(c.payload) :]
-                    if answer != c.payload:
-                        self.error("corrupt")
-                    c.waiting -= 1
-                    with self.lock:
-                        self.frames += 1
-        for c in list(clients.values()):
-            self._drop(sel, clients, c, None)
-        sel.close()
+    @property
+    def frames(self) -> int:
+        return int(self._frames.value)
 
-    def _drop(
-        self, sel: selectors.BaseSelector, clients: dict[socket.socket, Client], c: Client, kind: str | None
-    ) -> None:
+    @property
+    def errors(self) -> dict[str, int]:
+        return {kind: int(n) for kind, n in zip(ERROR_KINDS, self._errors[:], strict=True) if n}
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Starts the client process and waits until it is about to open its first connection (a
+        spawned interpreter takes a moment), so the ramp runs on the caller's clock."""
+        self.process.start()
+        if not self.ready.wait(timeout):
+            self.finish()
+            raise RuntimeError(f"the soak's client process did not start within {timeout:.0f} s")
+
+    def finish(self, timeout: float = 30.0) -> None:
+        """Tells the client process to close every connection, and waits for it to exit."""
+        self.stop.set()
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def _run_clients(
+    cfg: SoakConfig,
+    address: tuple[str, int],
+    *,
+    stop: Any,
+    ready: Any,
+    connected: Any,
+    frames: Any,
+    errors: Any,
+) -> None:
+    """The client process: ramps the connections up, sends each one's frame every interval and
+    checks its answer, until `stop`; then closes them all."""
+
+    def error(kind: str) -> None:
+        with errors.get_lock():
+            errors[ERROR_KINDS.index(kind)] += 1
+
+    def drop(c: Client, kind: str | None) -> None:
         if kind:
-            self.error(kind)
+            error(kind)
         sel.unregister(c.sock)
         del clients[c.sock]
         c.sock.close()
-        with self.lock:
-            self.connected -= 1
+        with connected.get_lock():
+            connected.value -= 1
+
+    sel = selectors.DefaultSelector()
+    clients: dict[socket.socket, Client] = {}
+    ready.set()
+    started = time.monotonic()
+    opened = 0
+    while not stop.is_set():
+        now = time.monotonic()
+        # Ramp: open connections at ramp_rate until all are open.
+        due = min(cfg.connections, int((now - started) * cfg.ramp_rate) + 1)
+        while opened < due:
+            opened += 1
+            try:
+                sock = socket.create_connection(address, timeout=5)
+            except OSError:
+                error("connect")
+                continue
+            sock.setblocking(False)
+            payload = opened.to_bytes(4, "big") * (cfg.size // 4) + b"x" * (cfg.size % 4)
+            # Spread the sends of different connections over the interval.
+            c = Client(sock, now + (opened % 97) / 97 * cfg.interval, HEADER.pack(len(payload)) + payload)
+            clients[sock] = c
+            sel.register(sock, selectors.EVENT_READ)
+            with connected.get_lock():
+                connected.value += 1
+        for c in list(clients.values()):
+            if now >= c.next_send and c.waiting == 0:
+                c.next_send += cfg.interval
+                c.pending += c.payload
+                c.waiting += 1
+            if c.pending:
+                try:
+                    sent = c.sock.send(c.pending)
+                    c.pending = c.pending[sent:]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    drop(c, "reset")
+        next_due = min((c.next_send for c in clients.values()), default=now + 0.05)
+        timeout = max(0.0, min(next_due - time.monotonic(), 0.05))
+        for key, _ in sel.select(timeout):
+            c = clients.get(key.fileobj)  # type: ignore[arg-type]
+            if c is None:
+                continue
+            try:
+                data = c.sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                drop(c, "reset")
+                continue
+            if not data:
+                drop(c, "eof")
+                continue
+            c.inbuf += data
+            while len(c.inbuf) >= len(c.payload):
+                answer, c.inbuf = c.inbuf[: len(c.payload)], c.inbuf[len(c.payload) :]
+                if answer != c.payload:
+                    error("corrupt")
+                c.waiting -= 1
+                with frames.get_lock():
+                    frames.value += 1
+    for c in list(clients.values()):
+        drop(c, None)
+    sel.close()
 
 
 def run_soak(cfg: SoakConfig, emit: Callable[[Sample], None] = lambda _: None) -> dict[str, Any]:
     """Runs the soak; returns the samples, the criteria with their outcome, and the verdict."""
-    raise_nofile(2 * cfg.connections + 256)
+    raise_nofile(cfg.connections + 256)  # here the server's sockets; the client process inherits it
     server = Server(
         cfg.backend,
         workers=cfg.workers,
@@ -178,12 +236,15 @@ def run_soak(cfg: SoakConfig, emit: Callable[[Sample], None] = lambda _: None) -
     )
     port = server.address[1]
     clients = Clients(cfg, server.address)
-    worker = threading.Thread(target=clients.run, name="soak-clients")
     samples: list[Sample] = []
     pid = os.getpid()
+    try:
+        clients.start()
+    except BaseException:
+        server.stop(0)
+        raise
     started = time.monotonic()
     cpu_prev, t_prev = probe.threads_cpu_seconds("connlab-"), started
-    worker.start()
     try:
         while (elapsed := time.monotonic() - started) < cfg.duration:
             time.sleep(min(cfg.sample_every, max(0.0, cfg.duration - elapsed)))  # the sampling period
@@ -191,8 +252,7 @@ def run_soak(cfg: SoakConfig, emit: Callable[[Sample], None] = lambda _: None) -
             cpu = probe.threads_cpu_seconds("connlab-")
             stats = server.stats()
             view = probe.port_view(port)
-            with clients.lock:
-                connected, frames, errors = clients.connected, clients.frames, sum(clients.errors.values())
+            connected, frames, errors = clients.connected, clients.frames, sum(clients.errors.values())
             sample = Sample(
                 t=round(now - started, 2),
                 server_active=stats["active"],
@@ -214,8 +274,7 @@ def run_soak(cfg: SoakConfig, emit: Callable[[Sample], None] = lambda _: None) -
         server.stop(0)
         raise
     finally:
-        clients.stop.set()
-        worker.join()
+        clients.finish()
     # Clean shutdown: once the clients are gone the server holds nothing, then stops cleanly.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and (server.stats()["active"] or probe.port_view(port).close_wait):

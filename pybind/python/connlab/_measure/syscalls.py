@@ -14,7 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,23 +87,24 @@ def parse_summary(text: str) -> dict[str, tuple[int, int]]:
 
 @dataclass
 class Trace:
-    """What strace wrote: its `-c` summary, filled in once it has stopped."""
+    """What strace wrote (its `-c` summary, or the calls traced), filled in once it has stopped."""
 
-    summary: str = ""
+    output: str = ""
 
 
 @contextmanager
-def attached(strace: str, pid: int) -> Iterator[Trace]:
-    """`strace -f -c` attached to every thread of process `pid` (and the threads it starts) for
-    the body; the `Trace` it yields holds the summary once the block is left. Attachment is waited for
-    (strace says so on stderr); RuntimeError with strace's words if it does not attach. On the
-    way out strace is stopped by SIGINT, which detaches it and makes it write the summary."""
+def attached(strace: str, pid: int, options: Sequence[str] = ("-c",)) -> Iterator[Trace]:
+    """`strace -f` with `options` (default `-c`: a summary) attached to every thread of process
+    `pid` (and the threads it starts) for the body; the `Trace` it yields holds what strace wrote
+    once the block is left. Attachment is waited for (strace says so on stderr); RuntimeError with
+    strace's words if it does not attach. On the way out strace is stopped by SIGINT, which
+    detaches it and makes it write a summary."""
     with tempfile.TemporaryDirectory(prefix="connlab-strace-") as tmp:
         summary, log = Path(tmp) / "summary", Path(tmp) / "stderr"
         with log.open("w") as err:
             # Its own process group: a terminal's Ctrl-C reaches bench, which stops strace here.
             proc = subprocess.Popen(
-                [strace, "-f", "-c", "-o", str(summary), "-p", str(pid)],
+                [strace, "-f", *options, "-o", str(summary), "-p", str(pid)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
@@ -115,8 +116,8 @@ def attached(strace: str, pid: int) -> Iterator[Trace]:
             yield trace
         finally:
             _stop(proc)
-        trace.summary = summary.read_text() if summary.exists() else ""
-        if not trace.summary:
+        trace.output = summary.read_text() if summary.exists() else ""
+        if not trace.output:
             raise RuntimeError(f"strace wrote no summary: {_said(log)}")
 
 
@@ -175,7 +176,7 @@ def count(
         seconds = min(max(frames / rate, MIN_S), MAX_S) if rate > 0 else MAX_S
         with attached(strace, pid) as trace:
             run = load.closed_loop(address, 1, size, duration=seconds, warmup=0.0, timeout=ANSWER_TIMEOUT)
-        table = parse_summary(trace.summary)
+        table = parse_summary(trace.output)
     except (RuntimeError, ValueError) as err:
         return {"status": f"strace failed: {err}"}
     answered = run["frames"]

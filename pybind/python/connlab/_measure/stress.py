@@ -1,0 +1,224 @@
+"""The two stress steps of `make stress` no other command runs: many connections at once, and every
+accepted fd closed exactly once under strace. Each backend runs in its own `connlab serve` process
+(timeouts off), so its fds, threads and sockets are its own.
+
+- `many_connections`: N connections opened at once, each served one frame, then all closed; the
+  server's fds and threads must come back to what they were before the first, with no socket left
+  ESTABLISHED or in CLOSE_WAIT.
+- `closes_once`: churn (connect, one frame, close) under `strace -f -e trace=accept,accept4,close,
+  shutdown` attached to the server: no call may fail with EBADF, and every fd an accept returned is
+  closed exactly once. `uring` accepts inside io_uring, without a syscall to trace: its successful
+  `close` calls are counted against the connections the server says it accepted."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from connlab import load, probe
+from connlab._measure.footprint import measure_idle, serve_child
+from connlab._measure.syscalls import attached, strace_path
+from connlab.client import wait_until
+
+#: Connections held at once: 10 000 on the event loops, 5 000 on `blocking` (a thread each).
+CONNECTIONS = 10_000
+BLOCKING_CONNECTIONS = 5_000
+#: Churn of the strace step: cycles x parallel connections.
+CHURN = (1000, 10)
+#: How long the server gets to be back at its baseline once every client closed.
+SETTLE_S = 30.0
+#: The calls traced by `closes_once`.
+TRACED = "trace=accept,accept4,close,shutdown"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One backend's result in one step: passed (True), failed (False) or skipped (None)."""
+
+    backend: str
+    passed: bool | None
+    detail: str
+
+    def line(self) -> str:
+        word = {True: "pass", False: "FAIL", None: "skip"}[self.passed]
+        return f"{self.backend:9} {word}  {self.detail}"
+
+
+def default_connections(backend: str) -> int:
+    """10 000, or 5 000 on `blocking`."""
+    return BLOCKING_CONNECTIONS if backend == "blocking" else CONNECTIONS
+
+
+def many_connections(backend: str, connections: int) -> Outcome:
+    """`connections` at once on `backend`, each served a frame, then all closed: fds, threads and
+    CLOSE_WAIT back at baseline. Skipped, with the reason, when RLIMIT_NOFILE cannot be raised for
+    them (the clients here and the server's accepted sockets each need one)."""
+    try:
+        probe.raise_nofile(2 * connections + 256)
+    except OSError as err:
+        return Outcome(backend, None, f"skipped: {err}")
+    start = time.monotonic()
+    with serve_child(backend, workers=None) as child:
+        pid, port = child.pid, child.address[1]
+        before = probe.snapshot(pid)
+        peak = measure_idle(child.address, child.pid, [connections])[-1]  # closes them all
+        opened = time.monotonic() - start
+
+        def at_baseline() -> bool:
+            view = probe.port_view(port, pid=pid)
+            now = probe.snapshot(pid)
+            return (now.fds, now.threads, view.established, view.close_wait) == (
+                before.fds,
+                before.threads,
+                0,
+                0,
+            )
+
+        try:
+            wait_until(at_baseline, timeout=SETTLE_S, what="the server back at its baseline")
+        except TimeoutError:
+            now, view = probe.snapshot(pid), probe.port_view(port, pid=pid)
+            return Outcome(
+                backend,
+                False,
+                f"{SETTLE_S:.0f} s after {connections} clients closed: fds {now.fds} (baseline "
+                f"{before.fds}), threads {now.threads} (baseline {before.threads}), ESTABLISHED "
+                f"{view.established}, CLOSE_WAIT {view.close_wait}",
+            )
+    return Outcome(
+        backend,
+        True,
+        f"{connections} connections each served a frame (opened in {opened:.1f} s); fds "
+        f"{before.fds} -> {peak.fds} -> {before.fds}, threads {before.threads} -> {peak.threads} -> "
+        f"{before.threads}, CLOSE_WAIT 0, back in {time.monotonic() - start - opened:.1f} s",
+    )
+
+
+@dataclass
+class Closes:
+    """What the trace of `closes_once` shows."""
+
+    accepted: int = 0
+    closed: int = 0
+    ebadf: int = 0
+    reaccepted: int = 0
+    never_closed: int = 0
+    #: Successful `close` calls on any fd.
+    all_closes: int = 0
+    #: The first few offending lines, for the message.
+    examples: tuple[str, ...] = ()
+
+
+_CALL = re.compile(r"^(?P<pid>\d+)\s+(?P<call>\w+)\((?P<args>.*)$")
+_RESUMED = re.compile(r"^(?P<pid>\d+)\s+<\.\.\. (?P<call>\w+) resumed>(?P<rest>.*)$")
+_RESULT = re.compile(r"=\s+(?P<ret>-?\d+)(?:\s+(?P<errno>E[A-Z]+))?(?:\s+\(.*\))?\s*$")
+
+
+def parse_closes(text: str) -> Closes:
+    """Reads `strace -f -o` output of accept, accept4, close and shutdown: follows every fd an accept
+    returned until its close (a call split by another thread's, "<unfinished ...>" then "<...
+    resumed>", is joined). An fd accepted again while still open means a close was not seen."""
+    pending: dict[str, tuple[str, str]] = {}
+    calls: list[tuple[str, str, int, str | None, str]] = []  # call, first arg, ret, errno, line
+    for line in text.splitlines():
+        if m := _RESUMED.match(line):
+            call, args = pending.pop(m["pid"], (m["call"], ""))
+            whole = args + m["rest"]
+        elif m := _CALL.match(line):
+            call, whole = m["call"], m["args"]
+            if whole.endswith("<unfinished ...>"):
+                pending[m["pid"]] = (call, whole.removesuffix("<unfinished ...>"))
+                continue
+        else:
+            continue  # "+++ exited", "--- SIG", strace's own notes
+        result = _RESULT.search(whole)
+        if result is None:
+            continue  # cut off by the detach
+        first = whole.split(",", 1)[0].split(")", 1)[0].strip()
+        calls.append((call, first, int(result["ret"]), result["errno"], line))
+    out, open_fds, examples = Closes(), set[int](), list[str]()
+    for call, first, ret, errno, line in calls:
+        if errno == "EBADF":
+            out.ebadf += 1
+            examples.append(line)
+        if call in ("accept", "accept4") and ret >= 0:
+            out.accepted += 1
+            if ret in open_fds:
+                out.reaccepted += 1
+                examples.append(f"fd {ret} accepted again before its close was seen: {line}")
+            open_fds.add(ret)
+        elif call == "close" and ret == 0:
+            out.all_closes += 1
+            fd = int(first) if first.lstrip("-").isdigit() else -1
+            if fd in open_fds:
+                open_fds.discard(fd)
+                out.closed += 1
+    out.never_closed = len(open_fds)
+    if open_fds:
+        examples.append(f"accepted, never closed: fds {sorted(open_fds)[:10]}")
+    out.examples = tuple(examples[:5])
+    return out
+
+
+def _no_thread_stopped(pid: int) -> bool:
+    """Whether no thread of `pid` sits in a ptrace stop ('t'), i.e. strace has handled (and
+    written) every call that returned."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] == "t":
+            return False
+    return True
+
+
+def closes_once(backend: str, cycles: int = CHURN[0], parallel: int = CHURN[1]) -> Outcome:
+    """`cycles` x `parallel` churned connections on `backend` under strace: 0 EBADF, and every
+    accepted fd closed exactly once. Fails, saying so, where strace is missing or cannot attach."""
+    strace = strace_path()
+    if strace is None:
+        return Outcome(backend, False, "strace not installed: `make setup` installs it where apt-get can")
+    with serve_child(backend, workers=None) as child:
+        pid, port = child.pid, child.address[1]
+        try:
+            with attached(strace, pid, ("-e", TRACED, "-e", "signal=none")) as trace:
+                churned = load.churn(child.address, cycles, parallel, timeout=10.0, deadline=600.0)
+
+                def all_closed() -> bool:
+                    view = probe.port_view(port, pid=pid)
+                    return view.established == 0 and view.close_wait == 0 and _no_thread_stopped(pid)
+
+                wait_until(all_closed, timeout=SETTLE_S, what="every churned connection closed")
+        except RuntimeError as err:
+            return Outcome(backend, False, f"strace failed: {err}")
+        report = child.stop().report
+    accepted = report.get("accepted")
+    errors = {k: n for k, n in churned["errors"].items() if n}
+    seen = parse_closes(trace.output)
+    problems = []
+    if errors:
+        problems.append(f"churn errors {errors}")
+    if seen.ebadf:
+        problems.append(f"{seen.ebadf} calls failed with EBADF")
+    if seen.accepted:  # accepts are syscalls: follow each fd
+        if seen.accepted != accepted:
+            problems.append(f"{seen.accepted} accepts traced, the server says it accepted {accepted}")
+        if seen.reaccepted or seen.never_closed:
+            problems.append(
+                f"{seen.reaccepted} fds accepted again while open, {seen.never_closed} never closed"
+            )
+        what = f"{seen.accepted} accepted fds, each closed once"
+    else:  # io_uring accepts without a syscall: count the closes
+        if seen.all_closes != accepted:
+            problems.append(f"{seen.all_closes} closes traced for {accepted} connections accepted")
+        what = f"{seen.all_closes} closes for {accepted} accepted (accepts inside io_uring are not traced)"
+    calls = Counter(line.split("(", 1)[0].split()[-1] for line in trace.output.splitlines() if "(" in line)
+    traced = ", ".join(f"{name} {n}" for name, n in calls.most_common())  # only the traced calls
+    if problems:
+        detail = "; ".join(problems) + "".join(f"\n          {e}" for e in seen.examples)
+        return Outcome(backend, False, detail)
+    return Outcome(backend, True, f"{churned['frames']} churned connections: 0 EBADF, {what} ({traced})")
