@@ -323,7 +323,7 @@ def verdict(
             f"worst {worst_phantoms}",
         ),
         (
-            f"errors < {cfg.max_error_rate:.0%} of frames",
+            f"errors < {100 * cfg.max_error_rate:g}% of frames",
             error_rate < cfg.max_error_rate,
             f"{errors} errors ({clients.errors}) over {frames} frames = {error_rate:.3%}",
         ),
