@@ -700,12 +700,16 @@ impl Conn {
 
     /// Before a frame of `len` bytes (header included) is gathered beside the
     /// queue: the queue's spare capacity, left from when it held more, gives
-    /// way so that both stay within [`Conn::most_buffered`]. Not paused, the
-    /// queue holds at most `max_pending_output`, so it always fits.
+    /// way so that both stay within [`Conn::most_buffered`] between events.
+    /// Not paused, the queue holds at most `max_pending_output` unwritten, so
+    /// it always fits; its written front is moved only when it is in the way,
+    /// and a shrinking `realloc` does not copy.
     fn fit_out_beside(&mut self, len: usize) {
         let most = self.most_buffered();
         if self.out.capacity() + len > most {
-            self.drop_written();
+            if self.out.len() > most - len {
+                self.drop_written();
+            }
             self.out.shrink_to(most - len);
         }
     }

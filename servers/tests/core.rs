@@ -1665,3 +1665,35 @@ fn a_slow_reader_costs_at_most_the_queue_bound() {
     let bound = max_pending + max_frame as usize + 4;
     assert!(h.conn.buffered_capacity() <= bound, "{} > {bound}", h.conn.buffered_capacity());
 }
+
+#[test]
+fn a_frame_gathered_beside_a_queue_that_held_more_stays_within_the_bound() {
+    // The queue grew to max_pending_output + one answer, then mostly drained;
+    // a frame spanning reads begins beside it. Its buffer and the queue's
+    // spare capacity together must not exceed the bound (they could reach
+    // max_pending_output + 2 × max_frame).
+    let (max_pending, max_frame) = (4096, 1024);
+    let mut h = H::new(Limits { max_frame, max_pending_output: max_pending, ..no_clocks() });
+    let big = frame(&payload(1000, 7));
+    let mut sent = Vec::new();
+    while h.conn.wants_read() {
+        h.read(ms(1), &big);
+        sent.extend_from_slice(&big);
+    }
+    let bound = max_pending + max_frame as usize + 4;
+    assert!(h.conn.buffered_capacity() > bound - 1100, "the queue grew near the bound");
+    let queued = h.conn.pending().len();
+    let mut out = h.write_some(ms(2), queued - 1500);
+    assert!(h.conn.wants_read(), "below half of max_pending_output: reading resumed");
+    let next = frame(&payload(1024, 9));
+    h.read(ms(3), &next[..100]);
+    assert!(h.conn.buffered_capacity() <= bound, "{} > {bound}", h.conn.buffered_capacity());
+    // Nothing is lost on the way: the rest of the frame completes, and every
+    // answer comes out in order.
+    h.read(ms(4), &next[100..]);
+    while h.conn.wants_write() {
+        out.extend(h.flush(ms(5)));
+    }
+    sent.extend_from_slice(&next);
+    assert_eq!(out, sent);
+}
