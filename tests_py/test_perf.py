@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from connlab._cli import build_parser, measure
-from connlab._measure import report, targets
+from connlab._measure import report, soak, targets
 from connlab._measure.bench import Workload, spread_of
 from run_cli import connlab
 
@@ -140,6 +140,21 @@ def test_each_run_keeps_its_directory_and_latest_follows(tmp_path: Path) -> None
     report.link_latest(root, again)
     assert (root / "latest").resolve() == again.resolve()
     assert not [p for p in root.iterdir() if p.name.startswith(".latest")], "no temporary link left"
+
+
+def test_a_soak_whose_clients_died_fails_saying_so() -> None:
+    cfg = soak.SoakConfig(backend="epoll", connections=2, ramp_rate=100, interval=0.5, duration=2)
+    samples = [
+        soak.Sample(t, 2, 2, 0, 2, 0, 0, frames, 1 << 20, 2, 10, 1.0)
+        for t, frames in [(0.5, 2), (1.0, 4), (1.5, 4), (2.0, 4)]
+    ]
+    kwargs = {"samples": samples, "errors": {}, "left_server": 0, "left_kernel": 0, "stop_report": {}}
+    died = soak.verdict(cfg, clients_ended="died during the run (killed by signal 9)", **kwargs)
+    assert not died["passed"]
+    [row] = [r for r in died["criteria"] if r["criterion"] == "the client process ran the whole soak"]
+    assert not row["held"] and row["measured"] == "died during the run (killed by signal 9)"
+    lived = soak.verdict(cfg, clients_ended="ran to the end, exit status 0", **kwargs)
+    assert lived["passed"], lived
 
 
 def test_soak_smoke_passes_its_verdict(tmp_path: Path) -> None:

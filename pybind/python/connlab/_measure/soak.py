@@ -115,11 +115,24 @@ class Clients:
 
     def start(self, timeout: float = 60.0) -> None:
         """Starts the client process and waits until it is about to open its first connection (a
-        spawned interpreter takes a moment), so the ramp runs on the caller's clock."""
+        spawned interpreter takes a moment), so the ramp runs on the caller's clock; RuntimeError
+        if it dies or takes longer."""
         self.process.start()
-        if not self.ready.wait(timeout):
-            self.finish()
-            raise RuntimeError(f"the soak's client process did not start within {timeout:.0f} s")
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.05):
+            if not self.process.is_alive() or time.monotonic() > deadline:
+                self.finish()
+                raise RuntimeError(f"the soak's client process did not start: {self.ended()}")
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def ended(self) -> str:
+        """How the client process ended, for a message."""
+        code = self.process.exitcode
+        if code is None:
+            return "still running"
+        return f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
 
     def finish(self, timeout: float = 30.0) -> None:
         """Tells the client process to close every connection, and waits for it to exit."""
@@ -270,10 +283,13 @@ def run_soak(cfg: SoakConfig, emit: Callable[[Sample], None] = lambda _: None) -
             cpu_prev, t_prev = cpu, now
             samples.append(sample)
             emit(sample)
+            if not clients.alive():  # the load is gone: what follows would judge an idle server
+                break
     except BaseException:  # Ctrl-C or SIGTERM included: the server goes with the run
         server.stop(0)
         raise
     finally:
+        lived = clients.alive()
         clients.finish()
     # Clean shutdown: once the clients are gone the server holds nothing, then stops cleanly.
     deadline = time.monotonic() + 5
@@ -287,7 +303,12 @@ def run_soak(cfg: SoakConfig, emit: Callable[[Sample], None] = lambda _: None) -
         **verdict(
             cfg,
             samples=samples,
-            clients=clients,
+            errors=clients.errors,
+            clients_ended="ran to the end, exit status 0"
+            if lived and clients.process.exitcode == 0
+            else f"died during the run ({clients.ended()})"
+            if not lived
+            else f"did not stop when told ({clients.ended()})",
             left_server=left_server,
             left_kernel=left_kernel,
             stop_report=report,
@@ -299,7 +320,8 @@ def verdict(
     cfg: SoakConfig,
     *,
     samples: list[Sample],
-    clients: Clients,
+    errors: dict[str, int],
+    clients_ended: str,
     left_server: int,
     left_kernel: int,
     stop_report: dict[str, Any],
@@ -308,14 +330,14 @@ def verdict(
     ramp_end = cfg.connections / cfg.ramp_rate
     steady = [s for s in samples if s.t >= ramp_end + cfg.interval] or samples
     frames = max((s.frames for s in samples), default=0)
-    errors = sum(clients.errors.values())
+    error_count = sum(errors.values())
     # Phantoms are judged where DESIGN.md §4 defines them, at quiescence: after the ramp no
     # connection is accepted or closed, while during it the two counts are read microseconds
     # apart as connections arrive.
     worst_phantoms = max((abs(s.phantoms) for s in steady), default=0)
     rss_slope = slope([s.t for s in steady], [s.rss_bytes for s in steady]) if len(steady) >= 2 else 0.0
     thread_slope = slope([s.t for s in steady], [s.threads for s in steady]) if len(steady) >= 2 else 0.0
-    error_rate = errors / max(frames + errors, 1)
+    error_rate = error_count / max(frames + error_count, 1)
     criteria = [
         (
             f"phantoms <= {cfg.max_phantoms} at every sample after the ramp",
@@ -325,7 +347,7 @@ def verdict(
         (
             f"errors < {100 * cfg.max_error_rate:g}% of frames",
             error_rate < cfg.max_error_rate,
-            f"{errors} errors ({clients.errors}) over {frames} frames = {error_rate:.3%}",
+            f"{error_count} errors ({errors}) over {frames} frames = {error_rate:.3%}",
         ),
         (
             "RSS not trending up after the ramp",
@@ -336,6 +358,11 @@ def verdict(
             "threads not trending up after the ramp",
             thread_slope <= cfg.max_thread_slope,
             f"slope {thread_slope:+.3f} threads/s",
+        ),
+        (
+            "the client process ran the whole soak",
+            clients_ended.startswith("ran to the end"),
+            clients_ended,
         ),
         (
             "every connection came up",

@@ -34,7 +34,20 @@ CHURN = (1000, 10)
 SETTLE_S = 30.0
 #: Calls that return a new fd other than accept's: a thread may open and close a file meanwhile
 #: (glibc reads /sys/devices/system/cpu/online when a new thread's first malloc makes an arena).
-OPENS = ("open", "openat", "socket", "eventfd2", "dup", "dup3", "epoll_create1", "timerfd_create")
+OPENS = (
+    "open",
+    "openat",
+    "socket",
+    "eventfd2",
+    "dup",
+    "dup2",
+    "dup3",
+    "epoll_create1",
+    "timerfd_create",
+    "memfd_create",
+    "signalfd4",
+    "pidfd_open",
+)
 #: The calls traced by `closes_once`.
 TRACED = "trace=accept,accept4,close,shutdown," + ",".join(OPENS)
 
@@ -70,7 +83,10 @@ def many_connections(backend: str, connections: int) -> Outcome:
     with serve_child(backend, workers=None) as child:
         pid, port = child.pid, child.address[1]
         before = probe.snapshot(pid)
-        peak = measure_idle(child.address, child.pid, [connections])[-1]  # closes them all
+        try:
+            peak = measure_idle(child.address, child.pid, [connections])[-1]  # closes them all
+        except (OSError, RuntimeError, TimeoutError) as err:
+            return Outcome(backend, False, f"while opening {connections} connections: {err}")
         opened = time.monotonic() - start
 
         def at_baseline() -> bool:
@@ -199,17 +215,30 @@ def closes_once(backend: str, cycles: int = CHURN[0], parallel: int = CHURN[1]) 
         return Outcome(backend, False, "strace not installed: `make setup` installs it where apt-get can")
     with serve_child(backend, workers=None) as child:
         pid, port = child.pid, child.address[1]
+        fds = probe.fd_count(pid)
+
+        def all_closed() -> bool:
+            # A socket leaves the kernel's table at its last ACK, before its fd is closed: the fds
+            # count too, and strace must have written every call that returned.
+            view = probe.port_view(port, pid=pid)
+            return (view.established, view.close_wait, probe.fd_count(pid)) == (0, 0, fds) and (
+                _no_thread_stopped(pid)
+            )
+
         try:
             with attached(strace, pid, ("-e", TRACED, "-e", "signal=none")) as trace:
                 churned = load.churn(child.address, cycles, parallel, timeout=10.0, deadline=600.0)
-
-                def all_closed() -> bool:
-                    view = probe.port_view(port, pid=pid)
-                    return view.established == 0 and view.close_wait == 0 and _no_thread_stopped(pid)
-
                 wait_until(all_closed, timeout=SETTLE_S, what="every churned connection closed")
         except RuntimeError as err:
             return Outcome(backend, False, f"strace failed: {err}")
+        except TimeoutError as err:
+            view = probe.port_view(port, pid=pid)
+            return Outcome(
+                backend,
+                False,
+                f"{err}: fds {probe.fd_count(pid)} (before the churn {fds}), ESTABLISHED "
+                f"{view.established}, CLOSE_WAIT {view.close_wait}",
+            )
         report = child.stop().report
     accepted = report.get("accepted")
     errors = {k: n for k, n in churned["errors"].items() if n}
