@@ -71,11 +71,16 @@ fn closed_loop_spreads_connections_over_threads() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(r.threads, cores.min(2), "the default for 600 connections");
     assert_eq!(r.errors.total(), 0, "{r:?}");
-    assert!(r.frames > 600, "{r:?}");
+    // Frames flowed in the window; how many depends on the machine's load (a
+    // busy 2-core machine measured 270 ms round trips here, one per connection).
+    assert!(r.frames > 0, "{r:?}");
     assert_sane(&r);
     let s = wait_closed(&*server, 600);
     assert_eq!(s.closed_by[CloseReason::Eof as usize], 600);
     assert_eq!(s.peak_active, 600);
+    // Every connection carried frames: each sent its first at once, and the
+    // server read it before that connection's EOF, however slow the run.
+    assert!(s.frames_in >= 600, "{s:?}");
 }
 
 #[test]
