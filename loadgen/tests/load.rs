@@ -16,13 +16,15 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-/// Percentiles in order, the histogram holding exactly the counted frames,
-/// and its export decoding to the same.
+/// Percentiles in order (when any frame was counted), the histogram holding
+/// exactly the counted frames, and its export decoding to the same.
 fn assert_sane(r: &Report) {
     let l = r.latency();
     assert_eq!(l.count, r.frames, "{r:?}");
-    assert!(l.min > 0.0 && l.min <= l.p50 && l.p50 <= l.p90 && l.p90 <= l.p99, "{l:?}");
-    assert!(l.p99 <= l.p999 && l.p999 <= l.max, "{l:?}");
+    if r.frames > 0 {
+        assert!(l.min > 0.0 && l.min <= l.p50 && l.p50 <= l.p90 && l.p90 <= l.p99, "{l:?}");
+        assert!(l.p99 <= l.p999 && l.p999 <= l.max, "{l:?}");
+    }
     let back: Histogram<u64> =
         Deserializer::new().deserialize(&mut r.histogram_v2_deflate().as_slice()).unwrap();
     assert_eq!(back.len(), r.frames);
@@ -71,9 +73,10 @@ fn closed_loop_spreads_connections_over_threads() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(r.threads, cores.min(2), "the default for 600 connections");
     assert_eq!(r.errors.total(), 0, "{r:?}");
-    // Frames flowed in the window; how many depends on the machine's load (a
-    // busy 2-core machine measured 270 ms round trips here, one per connection).
-    assert!(r.frames > 0, "{r:?}");
+    // How many frames the 300 ms window holds depends on the machine's load: a
+    // busy 2-core machine measured 270 ms round trips here, one frame per
+    // connection, and none when the first round trips outlasted warm-up and
+    // window. What holds however slow the run is the server's count below.
     assert_sane(&r);
     let s = wait_closed(&*server, 600);
     assert_eq!(s.closed_by[CloseReason::Eof as usize], 600);
