@@ -237,6 +237,10 @@ impl Registry {
             return None;
         };
         c.peak_active.fetch_max(before + 1, Relaxed);
+        // Counted in Connecting from here, not from the core's first journal
+        // entry: a connection dealt to another thread (sharded) is active
+        // before that thread builds its core.
+        c.by_state[State::Connecting as usize].fetch_add(1, Relaxed);
         self.first_admitted.get_or_init(Instant::now);
         let entry = Arc::new(Entry {
             id: self.next_id.fetch_add(1, Relaxed),
@@ -424,10 +428,11 @@ impl ConnHandle {
 impl Observer for ConnHandle {
     fn transition(&mut self, from: Option<State>, to: State, reason: Option<CloseReason>, now: Instant) {
         let c = &self.registry.counters;
+        // The first entry, None→Connecting, was counted at registration.
         if let Some(from) = from {
             c.by_state[from as usize].fetch_sub(1, Relaxed);
+            c.by_state[to as usize].fetch_add(1, Relaxed);
         }
-        c.by_state[to as usize].fetch_add(1, Relaxed);
         self.entry.state.store(to as u8, Relaxed);
         self.registry.journal(&self.entry, from, to, reason, now);
     }

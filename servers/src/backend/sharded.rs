@@ -220,6 +220,9 @@ mod tests {
         }
         all[1].flush();
         assert_eq!(kept, 3, "its own turn every third connection");
+        // In the inboxes, not yet in a shard's core: active, and in Connecting.
+        let stats = registry.stats();
+        assert_eq!((stats.active, stats.by_state.iter().sum::<u64>()), (9, 9), "{stats:?}");
         for (i, shard) in all.iter().enumerate() {
             let got = shard.inbox().count();
             assert_eq!(got, if i == 1 { 0 } else { 3 }, "shard {i}");
