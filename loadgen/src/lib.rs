@@ -14,6 +14,8 @@
 //!   connection to an echo thread of its own.
 //! - [`report`]: error kinds, what each thread records, and the merged
 //!   [`Report`] (rates, percentiles, the exportable histogram).
+//! - [`live`]: a stream run watched while it goes: its counts taken in
+//!   intervals, its window ended on demand.
 //! - [`hdr`]: exported histograms (compressed V2, nanoseconds) decoded,
 //!   merged, as a percentile spectrum, or as an HdrHistogram interval log.
 //! - `link`: one client connection: non-blocking connect, writes and reads
@@ -32,6 +34,7 @@ use std::thread;
 pub mod churn;
 pub mod hdr;
 mod link;
+pub mod live;
 pub mod options;
 mod payload;
 pub mod pingpong;
@@ -93,4 +96,5 @@ const _: () = {
     send_sync::<OpenLoop>();
     send_sync::<Churn>();
     send_sync::<PingPong>();
+    send_sync::<live::Tap>();
 };

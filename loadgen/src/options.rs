@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::live::Tap;
 use crate::report::Report;
 use crate::stream::Pacing;
 use crate::{churn, pingpong, stream, Error};
@@ -136,13 +137,29 @@ impl ClosedLoop {
     /// its epoll instance cannot be created. Network failures are not
     /// errors of the call: they are counted in [`Report::errors`].
     pub fn run(&self) -> Result<Report, Error> {
+        stream::run(self.setup()?, None)
+    }
+
+    /// [`ClosedLoop::run`], watched through `tap`: what it counts can be
+    /// taken while it runs, and a stop on the tap ends its window early
+    /// (see [`crate::live`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`ClosedLoop::run`].
+    pub fn run_watched(&self, tap: &Tap) -> Result<Report, Error> {
+        stream::run(self.setup()?, Some(tap))
+    }
+
+    /// The validated run.
+    fn setup(&self) -> Result<stream::Setup, Error> {
         in_range("connections", self.connections, 1, MAX_CONNECTIONS)?;
         in_range("size", self.size, 0, MAX_SIZE)?;
         in_range("pipeline", self.pipeline, 1, MAX_PIPELINE)?;
         positive("duration", self.duration)?;
         at_most_a_day("warmup", self.warmup)?;
         positive("timeout", self.timeout)?;
-        stream::run(stream::Setup {
+        Ok(stream::Setup {
             address: self.address,
             connections: self.connections,
             size: self.size,
@@ -202,6 +219,22 @@ impl OpenLoop {
     ///
     /// As [`ClosedLoop::run`]; `rate` must be in (0, [`MAX_RATE`]].
     pub fn run(&self) -> Result<Report, Error> {
+        stream::run(self.setup()?, None)
+    }
+
+    /// [`OpenLoop::run`], watched through `tap` (see
+    /// [`ClosedLoop::run_watched`]): a stop ends the schedule, and the
+    /// drain waits for the answers of the frames already due.
+    ///
+    /// # Errors
+    ///
+    /// As [`OpenLoop::run`].
+    pub fn run_watched(&self, tap: &Tap) -> Result<Report, Error> {
+        stream::run(self.setup()?, Some(tap))
+    }
+
+    /// The validated run.
+    fn setup(&self) -> Result<stream::Setup, Error> {
         if !(self.rate > 0.0 && self.rate <= MAX_RATE) {
             return Err(Error::invalid(
                 "rate",
@@ -213,7 +246,7 @@ impl OpenLoop {
         positive("duration", self.duration)?;
         at_most_a_day("warmup", self.warmup)?;
         positive("timeout", self.timeout)?;
-        stream::run(stream::Setup {
+        Ok(stream::Setup {
             address: self.address,
             connections: self.connections,
             size: self.size,

@@ -139,11 +139,31 @@ impl Recorder {
 
     /// Adds another thread's counts.
     pub fn merge(&mut self, other: Recorder) {
+        self.merge_ref(&other);
+    }
+
+    /// Empties the recorder, keeping its histogram's memory.
+    pub fn reset(&mut self) {
+        self.histogram.reset();
+        self.frames = 0;
+        self.connects = 0;
+        self.lost = 0;
+        self.errors = Errors::default();
+    }
+
+    /// Adds counts that stay where they are (a [`crate::live::Tap`]'s).
+    pub fn merge_ref(&mut self, other: &Recorder) {
         self.histogram.add(&other.histogram).expect("histograms of one shape add");
         self.frames += other.frames;
         self.connects += other.connects;
         self.lost += other.lost;
         self.errors.merge(&other.errors);
+    }
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -37,6 +37,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::link::{Link, READ_CHUNK};
+use crate::live::{Tap, FLUSH};
 use crate::report::{ErrorKind, Mode, Recorder, Report, Shape};
 use crate::sys::Timer;
 use crate::{on_threads, setup_error, Error};
@@ -99,19 +100,21 @@ impl Phases {
     }
 }
 
-/// Runs `setup` to completion.
-pub(crate) fn run(setup: Setup) -> Result<Report, Error> {
+/// Runs `setup` to completion. With a `tap`, the threads move what they
+/// record into it as they go, and a stop on it ends the window early.
+pub(crate) fn run(setup: Setup, tap: Option<&Tap>) -> Result<Report, Error> {
     let start = Instant::now();
     let window_start = start + setup.warmup;
     let window_end = window_start + setup.duration;
     let phases = Phases { start, window_start, window_end, hard_end: window_end + setup.timeout };
-    let results = on_threads(setup.threads, |thread| Worker::new(&setup, phases, thread)?.run())?;
-    let mut rec = Recorder::new();
+    let results = on_threads(setup.threads, |thread| Worker::new(&setup, phases, thread, tap)?.run())?;
+    let mut rec = tap.map_or_else(Recorder::new, Tap::total);
     let mut last_answer = None;
     for (r, last) in results {
         rec.merge(r);
         last_answer = last_answer.max(last);
     }
+    let window_end = tap.and_then(Tap::stopped).map_or(window_end, |at| at.min(window_end));
     let end = match setup.pacing {
         Pacing::Closed { .. } => window_end,
         Pacing::Open { .. } => last_answer.map_or(window_end, |t| t.max(window_end)),
@@ -121,7 +124,7 @@ pub(crate) fn run(setup: Setup) -> Result<Report, Error> {
         Pacing::Open { rate } => (Mode::OpenLoop, Some(rate)),
     };
     let shape = Shape { connections: setup.connections, threads: setup.threads, size: setup.size, rate };
-    Ok(Report::new(mode, shape, rec, end - window_start))
+    Ok(Report::new(mode, shape, rec, end.saturating_duration_since(window_start)))
 }
 
 /// One connection's place in a thread.
@@ -165,10 +168,14 @@ struct Worker<'a> {
     last_answer: Option<Instant>,
     /// Set at the window's end: no new frames.
     draining: bool,
+    /// Where what `rec` holds goes every [`FLUSH`], if the run is watched.
+    tap: Option<&'a Tap>,
+    /// When `rec` next goes into the tap.
+    next_flush: Instant,
 }
 
 impl<'a> Worker<'a> {
-    fn new(setup: &'a Setup, phases: Phases, thread: usize) -> Result<Self, Error> {
+    fn new(setup: &'a Setup, phases: Phases, thread: usize, tap: Option<&'a Tap>) -> Result<Self, Error> {
         let poll = Poll::new().map_err(setup_error("creating an epoll instance"))?;
         let timer = Timer::new().map_err(setup_error("creating a timerfd"))?;
         let fd: RawFd = timer.raw();
@@ -192,6 +199,8 @@ impl<'a> Worker<'a> {
             window_owed: 0,
             last_answer: None,
             draining: false,
+            tap,
+            next_flush: phases.start + FLUSH,
         })
     }
 
@@ -204,6 +213,7 @@ impl<'a> Worker<'a> {
         let mut next_tick = now + TICK;
         loop {
             let now = Instant::now();
+            self.heed_stop();
             if now >= self.phases.hard_end {
                 self.expire();
                 break;
@@ -220,6 +230,10 @@ impl<'a> Worker<'a> {
             if now >= next_tick {
                 self.tick(now);
                 next_tick = now + TICK;
+                if now >= self.next_flush {
+                    self.flush();
+                    self.next_flush = now + FLUSH;
+                }
             }
             let mut wake = next_tick.min(self.phases.hard_end);
             if !self.draining {
@@ -242,7 +256,26 @@ impl<'a> Worker<'a> {
                 link.close(self.poll.registry(), false);
             }
         }
+        self.flush();
         Ok((self.rec, self.last_answer))
+    }
+
+    /// Moves what this thread recorded into the tap, if the run is watched.
+    fn flush(&mut self) {
+        if let Some(tap) = self.tap {
+            tap.absorb(&mut self.rec);
+        }
+    }
+
+    /// Ends the window at the tap's stop, if one came before the window's
+    /// planned end (a stop in the warm-up leaves an empty window); the
+    /// drain then runs as at a planned end. Seen within a tick.
+    fn heed_stop(&mut self) {
+        let Some(at) = self.tap.and_then(Tap::stopped) else { return };
+        if at < self.phases.window_end {
+            self.phases.window_end = at;
+            self.phases.hard_end = at + self.setup.timeout;
+        }
     }
 
     /// Waits for readiness or `wake`, whichever comes first.

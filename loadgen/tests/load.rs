@@ -6,6 +6,7 @@ mod util;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use connlab_loadgen::live::Tap;
 use connlab_loadgen::{Churn, ClosedLoop, ErrorKind, OpenLoop, PingPong, Report};
 use connlab_servers::{BackendKind, CloseReason};
 use hdrhistogram::serialization::Deserializer;
@@ -108,6 +109,94 @@ fn open_loop_counts_exactly_the_frames_due_in_the_window() {
     let s = wait_closed(&*server, 3);
     assert_eq!(s.frames_in, 1200, "every frame of the run was sent once: {s:?}");
     assert_eq!(s.closed_by[CloseReason::Eof as usize], 3);
+}
+
+/// Takes from `tap` until `run` is over, then once more: the intervals taken.
+fn take_until_over(tap: &Tap, run: &std::thread::ScopedJoinHandle<'_, Report>) -> Vec<(u64, Histogram<u64>)> {
+    let mut taken = Vec::new();
+    while !run.is_finished() {
+        std::thread::sleep(ms(50));
+        let i = tap.take();
+        taken.push((i.frames, i.histogram));
+    }
+    let last = tap.take();
+    taken.push((last.frames, last.histogram));
+    taken
+}
+
+#[test]
+fn a_watched_run_is_taken_as_it_goes_and_the_takes_add_up_to_its_report() {
+    let _serial = serial();
+    let server = server(BackendKind::Epoll);
+    let run = ClosedLoop {
+        connections: 4,
+        duration: ms(800),
+        warmup: ms(100),
+        threads: Some(2),
+        ..ClosedLoop::new(server.local_addr())
+    };
+    let tap = Tap::new();
+    let (report, taken) = std::thread::scope(|scope| {
+        let handle = scope.spawn(|| run.run_watched(&tap).unwrap());
+        let taken = take_until_over(&tap, &handle);
+        (handle.join().unwrap(), taken)
+    });
+    assert_eq!(report.errors.total(), 0, "{report:?}");
+    assert_eq!(report.elapsed, ms(800), "no stop: the planned window");
+    let frames: u64 = taken.iter().map(|(n, _)| n).sum();
+    assert_eq!(frames, report.frames, "every counted frame taken exactly once");
+    let mut sum = Histogram::<u64>::new_from(&report.histogram);
+    for (_, h) in &taken {
+        sum.add(h).unwrap();
+    }
+    assert_eq!(sum, report.histogram, "bucket for bucket");
+    // Taken as it went, not all at the end: the window spans several takes.
+    let nonempty = taken.iter().filter(|(n, _)| *n > 0).count();
+    assert!(nonempty >= 3, "{} of {} takes held frames", nonempty, taken.len());
+    assert_sane(&report);
+    wait_closed(&*server, 4);
+}
+
+#[test]
+fn a_stop_ends_the_window_early_and_the_run_drains() {
+    let _serial = serial();
+    let server = server(BackendKind::Epoll);
+    for open in [false, true] {
+        let tap = Tap::new();
+        let started = Instant::now();
+        let report = std::thread::scope(|scope| {
+            let handle = scope.spawn(|| {
+                if open {
+                    let run = OpenLoop {
+                        connections: 3,
+                        warmup: ms(0),
+                        ..OpenLoop::new(server.local_addr(), 2000.0)
+                    };
+                    OpenLoop { duration: Duration::from_secs(3600), ..run }.run_watched(&tap).unwrap()
+                } else {
+                    let run =
+                        ClosedLoop { connections: 3, warmup: ms(0), ..ClosedLoop::new(server.local_addr()) };
+                    ClosedLoop { duration: Duration::from_secs(3600), ..run }.run_watched(&tap).unwrap()
+                }
+            });
+            // Stop once frames flow, as a caller would on a signal.
+            wait_for("frames to be counted", || (tap.take().frames > 0).then_some(()));
+            tap.stop();
+            handle.join().unwrap()
+        });
+        let took = started.elapsed();
+        let stopped = tap.stopped().unwrap();
+        assert!(took < Duration::from_secs(10), "an hour's run stopped in {took:?}");
+        assert_eq!(report.errors.total(), 0, "open {open}: {report:?}");
+        assert_eq!(report.lost, 0, "the drain awaited every owed answer: {report:?}");
+        let window = stopped.saturating_duration_since(started);
+        assert!(report.elapsed <= window + ms(100), "window ends at the stop: {report:?} vs {window:?}");
+        assert!(report.frames > 0);
+        assert_sane(&report);
+        // Every connection closed with an orderly EOF: nothing was in flight.
+        let s = wait_closed(&*server, if open { 6 } else { 3 });
+        assert_eq!(s.closed_by[CloseReason::Eof as usize], if open { 6 } else { 3 }, "{s:?}");
+    }
 }
 
 #[test]
