@@ -236,3 +236,64 @@ def test_load_is_public() -> None:
     assert "load" in connlab.__all__ and connlab.load is load
     assert load.ERROR_KINDS == ("connect", "reset", "eof", "corrupt", "timeout", "io")
     assert encode(b"") == b"\0\0\0\0"  # the framing both ends share
+
+
+def test_start_runs_in_the_background_and_its_takes_add_up_to_its_result(leak_guard: Any) -> None:
+    with connlab.Server("epoll", journal_capacity=0) as server:
+        running = load.start(server, connections=4, threads=2)
+        takes = [running.take()]
+        # start() returned at once and the load goes on: later takes hold frames.
+        wait_until(lambda: takes.append(running.take()) or takes[-1]["frames"] > 0, what="frames taken")
+        assert not running.done
+        running.stop()
+        wait_until(lambda: running.done, timeout=5.0, what="the run to end after stop()")
+        takes.append(running.take())
+        result = running.result()
+        wait_until(lambda: server.stats()["closed"] == 4, what="all 4 closed")
+        stats = server.stats()
+    assert result["mode"] == "closed_loop" and no_errors(result) and result["lost"] == 0, result
+    assert sum(t["frames"] for t in takes) == result["frames"] > 0
+    merged = load.merge_histograms(t["histogram"] for t in takes)
+    assert load.histogram_counts(merged) == load.histogram_counts(result["histogram"])
+    assert sum(n for _, n in load.histogram_counts(merged)) == result["frames"]
+    assert stats["closed_by"]["eof"] == 4, "the drain awaited every answer"
+    assert running.result() == result, "the report is kept"
+
+
+def test_start_with_a_rate_is_an_open_loop(leak_guard: Any) -> None:
+    with connlab.Server("epoll", journal_capacity=0) as server:
+        running = load.start(server, connections=2, rate=2000.0, duration=0.3)
+        wait_until(lambda: running.done, timeout=5.0, what="a 0.3 s run to end by itself")
+        result = running.result()
+    assert result["mode"] == "open_loop" and result["rate"] == 2000.0 and no_errors(result), result
+    # Frames due in [0, 0.3 s) at 2000/s.
+    assert result["frames"] == 600 == running.take()["frames"]
+
+
+def test_a_dropped_run_stops_and_closes_its_connections(leak_guard: Any) -> None:
+    with connlab.Server("epoll", journal_capacity=0) as server:
+        running = load.start(server, connections=3)
+        wait_until(lambda: server.stats()["active"] == 3, what="3 connections open")
+        del running
+        stats = wait_until(lambda: (s := server.stats())["closed"] == 3 and s, timeout=5.0, what="all closed")
+    assert stats["closed_by"]["eof"] == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"connections": 0}, "connections"),
+        ({"size": -1}, "size"),
+        ({"pipeline": 0}, "pipeline"),
+        ({"rate": 0.0}, "rate"),
+        ({"duration": 0.0}, "duration"),
+        ({"warmup": float("nan")}, "warmup"),
+        ({"threads": 0}, "threads"),
+        ({"timeout": 0.0}, "timeout"),
+        ({"target": ("127.0.0.1", 0)}, "address"),
+    ],
+)
+def test_start_refuses_bad_arguments_at_once(kwargs: dict[str, Any], name: str) -> None:
+    kwargs = {"target": ADDRESS, **kwargs}
+    with pytest.raises(ValueError, match=rf"^{name}: "):
+        load.start(**kwargs)

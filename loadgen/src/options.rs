@@ -151,6 +151,16 @@ impl ClosedLoop {
         stream::run(self.setup()?, Some(tap))
     }
 
+    /// What [`Self::run`] would refuse, without running: a caller that
+    /// runs it on a thread of its own reports bad options at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] naming the bad field.
+    pub fn check(&self) -> Result<(), Error> {
+        self.setup().map(drop)
+    }
+
     /// The validated run.
     fn setup(&self) -> Result<stream::Setup, Error> {
         in_range("connections", self.connections, 1, MAX_CONNECTIONS)?;
@@ -231,6 +241,16 @@ impl OpenLoop {
     /// As [`OpenLoop::run`].
     pub fn run_watched(&self, tap: &Tap) -> Result<Report, Error> {
         stream::run(self.setup()?, Some(tap))
+    }
+
+    /// What [`Self::run`] would refuse, without running: a caller that
+    /// runs it on a thread of its own reports bad options at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] naming the bad field.
+    pub fn check(&self) -> Result<(), Error> {
+        self.setup().map(drop)
     }
 
     /// The validated run.

@@ -2,12 +2,19 @@
 //! `load_churn` and `load_pingpong` on `connlab._native` (re-exported without
 //! the prefix by `connlab.load`). Each converts its arguments (errors name
 //! them), runs with the GIL released, and returns the report as a dict.
-//! `hdr_merge`, `hdr_spectrum` and `hdr_log` work on the reports' encoded
-//! histograms (`connlab.load` wraps them to take base64 text too).
+//! `load_start` runs a closed or open loop on a native thread of its own and
+//! returns at once: a `LoadRun` to take intervals from and stop.
+//! `hdr_merge`, `hdr_spectrum`, `hdr_counts` and `hdr_log` work on the
+//! reports' encoded histograms (`connlab.load` wraps them to take base64 text
+//! too).
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use connlab_loadgen::hdr::{self, Histogram};
+use connlab_loadgen::live::{Interval, Tap};
+use connlab_loadgen::options::MAX_SECONDS;
 use connlab_loadgen::{seconds, Churn, ClosedLoop, ErrorKind, OpenLoop, PingPong, Report};
 use connlab_servers::Error;
 use pyo3::prelude::*;
@@ -45,11 +52,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     d.set_item("connects", r.connects)?;
     d.set_item("conns_per_s", r.conns_per_s())?;
     d.set_item("lost", r.lost)?;
-    let errors = PyDict::new(py);
-    for (kind, n) in r.errors.iter() {
-        errors.set_item(kind.name(), n)?;
-    }
-    d.set_item("errors", errors)?;
+    d.set_item("errors", errors_dict(py, &r.errors)?)?;
     let l = r.latency();
     let latency = PyDict::new(py);
     latency.set_item("count", l.count)?;
@@ -62,6 +65,15 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     latency.set_item("max", l.max)?;
     d.set_item("latency_us", latency)?;
     d.set_item("histogram", PyBytes::new(py, &r.histogram_v2_deflate()))?;
+    Ok(d)
+}
+
+/// A count per error kind, zeros included.
+fn errors_dict<'py>(py: Python<'py>, errors: &connlab_loadgen::Errors) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (kind, n) in errors.iter() {
+        d.set_item(kind.name(), n)?;
+    }
     Ok(d)
 }
 
@@ -185,6 +197,169 @@ fn load_pingpong<'py>(
     run(py, move || job.run())
 }
 
+/// A closed loop (no `rate`) or an open loop on a native thread of its own,
+/// watched through a tap (see `connlab.load.start`). Bad options raise here;
+/// the run starts only once they are checked.
+#[pyfunction]
+#[pyo3(signature = (
+    address, connections = 10, size = 64, rate = None, pipeline = 1, duration = None, warmup = 0.0,
+    threads = None, timeout = 2.0,
+))]
+#[allow(clippy::too_many_arguments)]
+fn load_start(
+    address: &Bound<'_, PyAny>,
+    connections: i64,
+    size: i64,
+    rate: Option<f64>,
+    pipeline: i64,
+    duration: Option<f64>,
+    warmup: f64,
+    threads: Option<i64>,
+    timeout: f64,
+) -> PyResult<LoadRun> {
+    let address = self::address(address)?;
+    let connections = count("connections", connections)?;
+    let size = count("size", size)?;
+    let duration = seconds("duration", duration.unwrap_or(MAX_SECONDS)).map_err(NativeError)?;
+    let warmup = seconds("warmup", warmup).map_err(NativeError)?;
+    let threads = self::threads(threads)?;
+    let timeout = seconds("timeout", timeout).map_err(NativeError)?;
+    let tap = Arc::new(Tap::new());
+    let job = match rate {
+        None => {
+            let pipeline = count("pipeline", pipeline)?;
+            let job = ClosedLoop { address, connections, size, pipeline, duration, warmup, threads, timeout };
+            job.check().map_err(NativeError)?;
+            Watched::Closed(job)
+        }
+        Some(rate) => {
+            let job = OpenLoop { address, rate, connections, size, duration, warmup, threads, timeout };
+            job.check().map_err(NativeError)?;
+            Watched::Open(job)
+        }
+    };
+    let watched = Arc::clone(&tap);
+    let thread = std::thread::Builder::new()
+        .name("loadgen-run".into())
+        .spawn(move || job.run(&watched))
+        .map_err(|e| {
+            NativeError(Error::Io {
+                field: "threads",
+                context: "spawning the run's thread".into(),
+                source: e,
+            })
+        })?;
+    Ok(LoadRun { tap, thread: Mutex::new(Some(thread)), report: Mutex::new(None) })
+}
+
+/// The runs `load_start` can watch.
+enum Watched {
+    Closed(ClosedLoop),
+    Open(OpenLoop),
+}
+
+impl Watched {
+    fn run(&self, tap: &Tap) -> Result<Report, Error> {
+        match self {
+            Watched::Closed(job) => job.run_watched(tap),
+            Watched::Open(job) => job.run_watched(tap),
+        }
+    }
+}
+
+/// A run started by `load_start`. Dropped while it runs, it stops it; the
+/// run's thread then drains and ends by itself.
+#[pyclass(module = "connlab._native", frozen)]
+pub(crate) struct LoadRun {
+    /// Shared with the run's threads.
+    tap: Arc<Tap>,
+    /// The run's thread, until `result` joins it.
+    thread: Mutex<Option<JoinHandle<Result<Report, Error>>>>,
+    /// The report, once joined.
+    report: Mutex<Option<Report>>,
+}
+
+#[pymethods]
+impl LoadRun {
+    /// What the run counted since the last take, as a dict: `frames`,
+    /// `connects`, `lost`, `errors` (a count per kind) and `histogram` (V2
+    /// deflate, nanoseconds). At most 100 ms behind; complete once `done`.
+    fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (interval, encoded): (Interval, Vec<u8>) = py.detach(|| {
+            let interval = self.tap.take();
+            let encoded = hdr::encode(&interval.histogram);
+            (interval, encoded)
+        });
+        let d = PyDict::new(py);
+        d.set_item("frames", interval.frames)?;
+        d.set_item("connects", interval.connects)?;
+        d.set_item("lost", interval.lost)?;
+        d.set_item("errors", errors_dict(py, &interval.errors)?)?;
+        d.set_item("histogram", PyBytes::new(py, &encoded))?;
+        Ok(d)
+    }
+
+    /// Ends the measured window now; the run drains and ends (`done`).
+    fn stop(&self) {
+        self.tap.stop();
+    }
+
+    /// Whether the run is over (its report is ready).
+    #[getter]
+    fn done(&self) -> bool {
+        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner);
+        thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// The run's report, as the `load_*` functions return it; waits (GIL
+    /// released) for the run to end if it has not. Its frames and histogram
+    /// are the sum of every take.
+    fn result<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let report = py.detach(|| -> Result<Report, NativeError> {
+            let mut kept = self.report.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(report) = kept.as_ref() {
+                return Ok(report.clone());
+            }
+            let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let Some(thread) = thread else {
+                return Err(NativeError(Error::invalid(
+                    "result",
+                    "the run failed, and its error was raised",
+                )));
+            };
+            let report = thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            *kept = Some(report.clone());
+            Ok(report)
+        })?;
+        report_dict(py, &report)
+    }
+
+    fn __repr__(&self) -> String {
+        let state = if self.done() {
+            "done"
+        } else if self.tap.stopped().is_some() {
+            "stopping"
+        } else {
+            "running"
+        };
+        format!("<LoadRun {state}>")
+    }
+}
+
+impl Drop for LoadRun {
+    fn drop(&mut self) {
+        self.tap.stop();
+    }
+}
+
+/// Every recorded value of an encoded histogram as `(microseconds, count)`,
+/// smallest first (see `connlab.load.histogram_counts`).
+#[pyfunction]
+fn hdr_counts(py: Python<'_>, histogram: &[u8]) -> PyResult<Vec<(f64, u64)>> {
+    let h = py.detach(|| hdr::decode(histogram)).map_err(NativeError)?;
+    Ok(h.iter_recorded().map(|v| (v.value_iterated_to() as f64 / 1e3, v.count_at_value())).collect())
+}
+
 /// The sum of encoded histograms, encoded (see `connlab.load.merge_histograms`).
 #[pyfunction]
 fn hdr_merge<'py>(py: Python<'py>, histograms: Vec<Bound<'py, PyBytes>>) -> PyResult<Bound<'py, PyBytes>> {
@@ -243,7 +418,10 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_open_loop, m)?)?;
     m.add_function(wrap_pyfunction!(load_churn, m)?)?;
     m.add_function(wrap_pyfunction!(load_pingpong, m)?)?;
+    m.add_function(wrap_pyfunction!(load_start, m)?)?;
+    m.add_class::<LoadRun>()?;
     m.add_function(wrap_pyfunction!(hdr_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(hdr_counts, m)?)?;
     m.add_function(wrap_pyfunction!(hdr_spectrum, m)?)?;
     m.add_function(wrap_pyfunction!(hdr_log, m)?)?;
     m.add("LOAD_ERROR_KINDS", PyTuple::new(m.py(), ErrorKind::ALL.map(ErrorKind::name))?)?;

@@ -133,10 +133,41 @@ def load_pingpong(
     size: int = 64, duration: float = 1.0, warmup: float = 0.1, echo_cpu: int | None = None
 ) -> LoadResult: ...
 
+class LoadInterval(TypedDict):
+    """What LoadRun.take returns: the counts since the last take."""
+
+    frames: int
+    connects: int
+    lost: int
+    errors: dict[str, int]
+    histogram: bytes  # HdrHistogram V2 deflate encoding, values in nanoseconds
+
+def load_start(
+    address: tuple[str, int],
+    connections: int = 10,
+    size: int = 64,
+    rate: float | None = None,  # None: a closed loop of `pipeline` frames per connection
+    pipeline: int = 1,
+    duration: float | None = None,  # None: a day, or until stopped
+    warmup: float = 0.0,
+    threads: int | None = None,
+    timeout: float = 2.0,
+) -> LoadRun: ...
+
+class LoadRun:
+    """A run on a native thread of its own; dropped while running, it stops."""
+
+    @property
+    def done(self) -> bool: ...
+    def take(self) -> LoadInterval: ...
+    def stop(self) -> None: ...
+    def result(self) -> LoadResult: ...  # waits for the end (GIL released)
+
 # HdrHistogram operations on LoadResult["histogram"] bytes (public in connlab.load, which takes
 # base64 text too). Values are nanoseconds; errors are ValueError naming the argument.
 
 def hdr_merge(histograms: list[bytes]) -> bytes: ...  # the V2 deflate encoding of their sum
+def hdr_counts(histogram: bytes) -> list[tuple[float, int]]: ...  # (microseconds, count), ascending
 def hdr_spectrum(
     histogram: bytes, ticks_per_half_distance: int = 5
 ) -> list[tuple[float, float]]: ...  # (quantile in [0, 1], microseconds), ending at (1.0, max)

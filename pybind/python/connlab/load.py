@@ -5,6 +5,11 @@ every echo byte for byte, releases the GIL, and ends by itself: at the latest ``
 timeout`` after it starts (churn: ``deadline``). Network failures are counted in ``errors``, never
 raised; bad arguments raise ``ValueError`` naming the argument.
 
+``start`` runs a closed or open loop in the background instead, on a native thread of its own (no
+Python thread, so an event loop such as gevent's keeps running): ``Running.take`` hands over what it
+counted since the last take, as it goes, and ``Running.stop`` ends it. This is how a Locust worker
+reports (``connlab.locust``).
+
 A run has a warm-up (connections open, frames flow, nothing is counted but errors), a measured window
 of ``duration`` seconds, and a drain (no new frame; owed answers are awaited, so connections close
 with an orderly FIN rather than a reset). A connection that fails counts one error of its kind and is
@@ -28,17 +33,21 @@ from connlab import _native
 __all__ = [
     "ERROR_KINDS",
     "EncodedHistogram",
+    "Interval",
     "Latency",
     "Result",
+    "Running",
     "Target",
     "churn",
     "closed_loop",
     "histogram_base64",
+    "histogram_counts",
     "histogram_log",
     "merge_histograms",
     "open_loop",
     "percentile_spectrum",
     "pingpong",
+    "start",
 ]
 
 #: Why a connection failed: ``connect`` (refused, unreachable, no local port), ``reset`` (ECONNRESET,
@@ -201,6 +210,75 @@ def pingpong(
     return cast(Result, _native.load_pingpong(size, duration, warmup, echo_cpu))
 
 
+class Interval(TypedDict):
+    """What ``Running.take`` returns: the counts since the last take (``Result``'s fields of that name)."""
+
+    frames: int
+    connects: int
+    lost: int
+    errors: dict[str, int]
+    #: HdrHistogram V2 (deflate) encoding of the interval's latencies, in nanoseconds.
+    histogram: bytes
+
+
+class Running:
+    """A run ``start`` began: it goes on by itself, on native threads, until its ``duration`` is over
+    or ``stop`` is called. Dropped while running, it stops (its threads drain and end by themselves).
+    """
+
+    def __init__(self, native: _native.LoadRun) -> None:
+        self._native = native
+
+    def take(self) -> Interval:
+        """What the run counted since the last take (since its start, the first time): at most 100 ms
+        behind while it runs, and everything once ``done``. The takes add up, frame for frame and
+        bucket for bucket, to ``result()``."""
+        return cast(Interval, self._native.take())
+
+    def stop(self) -> None:
+        """Ends the measured window now. The run then drains as at the end of its duration (no new
+        frame; owed answers are awaited, at most ``timeout``) and is ``done``; stopping twice is
+        harmless."""
+        self._native.stop()
+
+    @property
+    def done(self) -> bool:
+        """Whether the run has ended (``result()`` returns at once)."""
+        return self._native.done
+
+    def result(self) -> Result:
+        """The run's report, as ``closed_loop``/``open_loop`` return it (its window ends at ``stop``).
+        Blocks until the run has ended (the GIL released): under an event loop, poll ``done`` first."""
+        return cast(Result, self._native.result())
+
+    def __repr__(self) -> str:
+        return repr(self._native)
+
+
+def start(
+    target: Target,
+    connections: int = 10,
+    size: int = 64,
+    *,
+    rate: float | None = None,
+    pipeline: int = 1,
+    duration: float | None = None,
+    warmup: float = 0.0,
+    threads: int | None = None,
+    timeout: float = 2.0,
+) -> Running:
+    """Starts ``closed_loop`` (no ``rate``) or ``open_loop`` (``rate`` frames/s) in the background and
+    returns at once. ``duration=None`` runs until ``stop`` (at most a day); ``warmup`` is 0 by default,
+    since a caller that takes as it goes sees the first seconds anyway. Bad arguments raise
+    ``ValueError`` here, naming the argument; other arguments are those of ``closed_loop`` and
+    ``open_loop``.
+    """
+    native = _native.load_start(
+        _address(target), connections, size, rate, pipeline, duration, warmup, threads, timeout
+    )
+    return Running(native)
+
+
 def histogram_base64(result: Result) -> str:
     """The run's histogram as base64 text (``HISTF...``), as HdrHistogram logs and plotters take it."""
     return base64.b64encode(result["histogram"]).decode("ascii")
@@ -247,6 +325,13 @@ def percentile_spectrum(
     axis every nine of the tail gets the same room.
     """
     return _native.hdr_spectrum(_raw(histogram, "histogram"), ticks_per_half_distance)
+
+
+def histogram_counts(histogram: EncodedHistogram) -> list[tuple[float, int]]:
+    """Every recorded value of ``histogram`` as ``(microseconds, count)``, smallest first: the value is
+    the highest of its HdrHistogram bucket (as its percentiles report), the counts sum to the samples.
+    For tools that keep histograms of their own, such as Locust's response-time buckets."""
+    return _native.hdr_counts(_raw(histogram, "histogram"))
 
 
 def histogram_log(entries: Iterable[tuple[str, float, float, EncodedHistogram]], base_time: float) -> str:
