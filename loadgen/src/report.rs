@@ -213,6 +213,27 @@ pub struct Latency {
     pub max: f64,
 }
 
+impl Latency {
+    /// The percentiles of a histogram in nanoseconds (a run's, or a merge
+    /// of runs'), in microseconds.
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let us = |ns: u64| ns as f64 / 1e3;
+        Latency {
+            count: h.len(),
+            min: us(h.min()),
+            mean: h.mean() / 1e3,
+            p50: us(h.value_at_quantile(0.5)),
+            p90: us(h.value_at_quantile(0.9)),
+            p99: us(h.value_at_quantile(0.99)),
+            p999: us(h.value_at_quantile(0.999)),
+            max: us(h.max()),
+        }
+    }
+}
+
 /// The result of one run.
 #[derive(Clone)]
 pub struct Report {
@@ -281,21 +302,7 @@ impl Report {
 
     /// The latency percentiles, in microseconds.
     pub fn latency(&self) -> Latency {
-        let h = &self.histogram;
-        if h.is_empty() {
-            return Latency::default();
-        }
-        let us = |ns: u64| ns as f64 / 1e3;
-        Latency {
-            count: h.len(),
-            min: us(h.min()),
-            mean: h.mean() / 1e3,
-            p50: us(h.value_at_quantile(0.5)),
-            p90: us(h.value_at_quantile(0.9)),
-            p99: us(h.value_at_quantile(0.99)),
-            p999: us(h.value_at_quantile(0.999)),
-            max: us(h.max()),
-        }
+        Latency::of(&self.histogram)
     }
 
     /// The histogram in HdrHistogram's compressed V2 encoding (what

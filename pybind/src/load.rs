@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use connlab_loadgen::hdr::{self, Histogram};
 use connlab_loadgen::live::{Interval, Tap};
 use connlab_loadgen::options::MAX_SECONDS;
-use connlab_loadgen::{seconds, Churn, ClosedLoop, ErrorKind, OpenLoop, PingPong, Report};
+use connlab_loadgen::{seconds, Churn, ClosedLoop, ErrorKind, Latency, OpenLoop, PingPong, Report};
 use connlab_servers::Error;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
@@ -53,7 +53,13 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     d.set_item("conns_per_s", r.conns_per_s())?;
     d.set_item("lost", r.lost)?;
     d.set_item("errors", errors_dict(py, &r.errors)?)?;
-    let l = r.latency();
+    d.set_item("latency_us", latency_dict(py, &r.latency())?)?;
+    d.set_item("histogram", PyBytes::new(py, &r.histogram_v2_deflate()))?;
+    Ok(d)
+}
+
+/// Percentiles as the `Latency` dict of `connlab.load`.
+fn latency_dict<'py>(py: Python<'py>, l: &Latency) -> PyResult<Bound<'py, PyDict>> {
     let latency = PyDict::new(py);
     latency.set_item("count", l.count)?;
     latency.set_item("min", l.min)?;
@@ -63,9 +69,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     latency.set_item("p99", l.p99)?;
     latency.set_item("p99.9", l.p999)?;
     latency.set_item("max", l.max)?;
-    d.set_item("latency_us", latency)?;
-    d.set_item("histogram", PyBytes::new(py, &r.histogram_v2_deflate()))?;
-    Ok(d)
+    Ok(latency)
 }
 
 /// A count per error kind, zeros included.
@@ -352,6 +356,14 @@ impl Drop for LoadRun {
     }
 }
 
+/// The percentiles of an encoded histogram (see
+/// `connlab.load.histogram_latency`).
+#[pyfunction]
+fn hdr_latency<'py>(py: Python<'py>, histogram: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+    let h = py.detach(|| hdr::decode(histogram)).map_err(NativeError)?;
+    latency_dict(py, &Latency::of(&h))
+}
+
 /// Every recorded value of an encoded histogram as `(microseconds, count)`,
 /// smallest first (see `connlab.load.histogram_counts`).
 #[pyfunction]
@@ -422,6 +434,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<LoadRun>()?;
     m.add_function(wrap_pyfunction!(hdr_merge, m)?)?;
     m.add_function(wrap_pyfunction!(hdr_counts, m)?)?;
+    m.add_function(wrap_pyfunction!(hdr_latency, m)?)?;
     m.add_function(wrap_pyfunction!(hdr_spectrum, m)?)?;
     m.add_function(wrap_pyfunction!(hdr_log, m)?)?;
     m.add("LOAD_ERROR_KINDS", PyTuple::new(m.py(), ErrorKind::ALL.map(ErrorKind::name))?)?;

@@ -168,6 +168,7 @@ class LoadRun:
 
 def hdr_merge(histograms: list[bytes]) -> bytes: ...  # the V2 deflate encoding of their sum
 def hdr_counts(histogram: bytes) -> list[tuple[float, int]]: ...  # (microseconds, count), ascending
+def hdr_latency(histogram: bytes) -> LoadLatency: ...  # its percentiles, as a run reports them
 def hdr_spectrum(
     histogram: bytes, ticks_per_half_distance: int = 5
 ) -> list[tuple[float, float]]: ...  # (quantile in [0, 1], microseconds), ending at (1.0, max)

@@ -42,6 +42,7 @@ __all__ = [
     "closed_loop",
     "histogram_base64",
     "histogram_counts",
+    "histogram_latency",
     "histogram_log",
     "merge_histograms",
     "open_loop",
@@ -332,6 +333,12 @@ def histogram_counts(histogram: EncodedHistogram) -> list[tuple[float, int]]:
     the highest of its HdrHistogram bucket (as its percentiles report), the counts sum to the samples.
     For tools that keep histograms of their own, such as Locust's response-time buckets."""
     return _native.hdr_counts(_raw(histogram, "histogram"))
+
+
+def histogram_latency(histogram: EncodedHistogram) -> Latency:
+    """The percentiles of ``histogram`` in microseconds, as a run reports its own in ``latency_us``: of a
+    merge (``merge_histograms``), those of all its runs' samples together."""
+    return cast(Latency, _native.hdr_latency(_raw(histogram, "histogram")))
 
 
 def histogram_log(entries: Iterable[tuple[str, float, float, EncodedHistogram]], base_time: float) -> str:
