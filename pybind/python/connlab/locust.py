@@ -41,6 +41,7 @@ import gevent.event
 import locust.stats
 from locust import User, constant, events, task
 from locust.env import Environment
+from locust.exception import StopUser
 from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
 from locust.user.users import LOCUST_STATE_STOPPING
 
@@ -142,15 +143,24 @@ class FramedEchoUser(User):
         if self._running is not None:
             gevent.sleep(self.report_every)  # the run is over; tasks are called again after each
             return
-        self._running = load.start(
-            target(self.host),
-            self.connections,
-            self.size,
-            rate=self.rate,
-            pipeline=self.pipeline,
-            threads=self.threads,
-            timeout=self.timeout,
-        )
+        try:
+            if not self.report_every > 0:
+                raise ValueError(f"report_every must be a positive number of seconds: {self.report_every}")
+            self._running = load.start(
+                target(self.host),
+                self.connections,
+                self.size,
+                rate=self.rate,
+                pipeline=self.pipeline,
+                threads=self.threads,
+                timeout=self.timeout,
+            )
+        except ValueError as e:
+            # A setting no run can start with: said once, counted as the user's error (Locust then
+            # exits non-zero), and this user stops, rather than failing again at every task call.
+            logger.error("connlab: %s: %s", type(self).__name__, e)
+            self.environment.events.user_error.fire(user_instance=self, exception=e, tb=e.__traceback__)
+            raise StopUser() from e
         try:
             while not self._running.done and self._state != LOCUST_STATE_STOPPING:
                 gevent.sleep(self.report_every)
@@ -351,7 +361,7 @@ def _summarize(environment: Environment, by_worker: dict[str, list[dict[str, Any
         "by_worker": by_worker,
     }
     logger.info(
-        "connlab: %d run(s) on %d worker(s): %d frames, %.0f frames/s; latency p50 %.0f µs, p99 %.0f µs "
+        "connlab: %d run(s) in %d process(es): %d frames, %.0f frames/s; latency p50 %.0f µs, p99 %.0f µs "
         "(HDR, every run merged); %d errors",
         len(runs),
         len(by_worker),
