@@ -47,6 +47,7 @@ use crate::conn::Limits;
 use crate::driver::{self, Io, Link, Next, Timers, READ_CHUNK};
 use crate::gate::{self, Accepted, Acceptor, Gate};
 use crate::kind::BackendKind;
+use crate::registry::ConnHandle;
 use crate::server::{Running, Served};
 use crate::shutdown::ServerThread;
 use crate::sys::Waker;
@@ -668,6 +669,11 @@ impl Loop {
         if !cqueue::more(flags) {
             self.accept_armed = false;
         }
+        if result == -libc::ECANCELED {
+            // The end of admission cancelled it: not an accept error.
+            self.maybe_done();
+            return;
+        }
         let outcome = if result >= 0 {
             // SAFETY: a successful accept's result is a new fd that nothing
             // else owns.
@@ -683,11 +689,7 @@ impl Loop {
                     // A failure means the connection is dead already; its
                     // first call reports it.
                     let _ = sock.set_tcp_nodelay(true);
-                    let calls = Rc::new(RefCell::new(Calls::default()));
-                    let ring = Ring { sock, calls: Rc::clone(&calls), pool: Rc::clone(&self.pool) };
-                    let key =
-                        self.slots.insert(Slot { link: Some(Link::new(ring, handle, self.limits)), calls });
-                    self.ready.push(key);
+                    self.serve(sock, handle);
                 }
             }
             // The back-off's end re-arms it.
@@ -727,9 +729,34 @@ impl Loop {
     fn maybe_done(&mut self) {
         if !self.accepting && !self.accept_armed {
             if let Some(done) = self.done.take() {
+                self.accept_queued();
                 let _ = done.send(());
             }
         }
+    }
+
+    /// Admits what waits in the listener's queue, by `accept(2)` while the
+    /// gate is still open, as the other backends' last accepts do. The
+    /// cancelled accept's poll was exclusive: a connection whose wake-up it
+    /// took just before the cancel is left queued with no other waiter
+    /// woken, and a successor waiting exclusively too (`sharded`'s
+    /// EPOLLEXCLUSIVE, `uring`'s accept) would not see it until another
+    /// connection came.
+    fn accept_queued(&mut self) {
+        let Some(listener) = &self.listener else { return };
+        let mut admitted = Vec::new();
+        self.acceptor.accept_all(listener, &self.gate, |sock, handle| admitted.push((sock, handle)));
+        for (sock, handle) in admitted {
+            self.serve(sock, handle);
+        }
+    }
+
+    /// Gives an admitted connection its slot, ready for its first receive.
+    fn serve(&mut self, sock: Socket, handle: ConnHandle) {
+        let calls = Rc::new(RefCell::new(Calls::default()));
+        let ring = Ring { sock, calls: Rc::clone(&calls), pool: Rc::clone(&self.pool) };
+        let key = self.slots.insert(Slot { link: Some(Link::new(ring, handle, self.limits)), calls });
+        self.ready.push(key);
     }
 
     /// Stop began (the gate is closed, the accept over): close the listener
