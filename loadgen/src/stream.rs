@@ -244,6 +244,8 @@ impl<'a> Worker<'a> {
             }
             self.wait(&mut events, wake)?;
             let now = Instant::now();
+            // A stop during the wait: answers read from now on are past the window.
+            self.heed_stop();
             for event in events.iter() {
                 match event.token() {
                     TIMER => self.timer.expired(),

@@ -9,6 +9,7 @@
 //! too).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -243,9 +244,15 @@ fn load_start(
         }
     };
     let watched = Arc::clone(&tap);
+    let over = Arc::new(AtomicBool::new(false));
+    let ended = Arc::clone(&over);
     let thread = std::thread::Builder::new()
         .name("loadgen-run".into())
-        .spawn(move || job.run(&watched))
+        .spawn(move || {
+            let report = job.run(&watched);
+            ended.store(true, Ordering::Release);
+            report
+        })
         .map_err(|e| {
             NativeError(Error::Io {
                 field: "threads",
@@ -253,7 +260,7 @@ fn load_start(
                 source: e,
             })
         })?;
-    Ok(LoadRun { tap, thread: Mutex::new(Some(thread)), report: Mutex::new(None) })
+    Ok(LoadRun { tap, over, thread: Mutex::new(Some(thread)), report: Mutex::new(None) })
 }
 
 /// The runs `load_start` can watch.
@@ -277,6 +284,8 @@ impl Watched {
 pub(crate) struct LoadRun {
     /// Shared with the run's threads.
     tap: Arc<Tap>,
+    /// Set by the run's thread once the run has returned (every count in the tap).
+    over: Arc<AtomicBool>,
     /// The run's thread, until `result` joins it.
     thread: Mutex<Option<JoinHandle<Result<Report, Error>>>>,
     /// The report, once joined.
@@ -311,8 +320,7 @@ impl LoadRun {
     /// Whether the run is over (its report is ready).
     #[getter]
     fn done(&self) -> bool {
-        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner);
-        thread.as_ref().is_none_or(JoinHandle::is_finished)
+        self.over.load(Ordering::Acquire)
     }
 
     /// The run's report, as the `load_*` functions return it; waits (GIL
